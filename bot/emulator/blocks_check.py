@@ -113,7 +113,7 @@ class _Checker:
             if len(options) > 100:
                 self.error("must have at most 100 items", f"{pointer}/options")
 
-    def block(self, block, pointer: str, *, seen_block_ids: set[str], surface: str):
+    def block(self, block, pointer: str, *, seen_block_ids: set[str]):
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             self.error("must be an object with a string `type`", pointer)
             return
@@ -209,7 +209,7 @@ def check_blocks(blocks, *, surface: str = "message") -> tuple[str | None, list[
         checker.error(f"must have at most {limit} items", "/blocks")
     seen: set[str] = set()
     for i, block in enumerate(blocks):
-        checker.block(block, f"/blocks/{i}", seen_block_ids=seen, surface=surface)
+        checker.block(block, f"/blocks/{i}", seen_block_ids=seen)
     return ("invalid_blocks" if checker.errors else None), checker.errors
 
 

@@ -243,8 +243,12 @@ class SlackEmulator:
         text: str,
         thread_ts: str | None = None,
         background: bool = False,
+        deliver: bool = True,
     ) -> str:
-        """A person posts a message; the bot gets the events Slack would send. Returns its ts."""
+        """A person posts a message; the bot gets the events Slack would send. Returns its ts.
+
+        `background=True` delivers from a thread (for callers that must not wait on the bot);
+        `deliver=False` only stores the message (seeding history)."""
         with self.ws.lock:
             self._check_member(channel, user)
             if thread_ts and self.ws.find_message(channel, thread_ts) is None:
@@ -257,7 +261,7 @@ class SlackEmulator:
                 thread_ts=thread_ts,
             )
             self.ws.store_message(channel, message)
-            events = self._events_for(channel, copy.deepcopy(message))
+            events = self._events_for(channel, copy.deepcopy(message)) if deliver else []
         if background:
             thread = threading.Thread(
                 target=lambda: [self.deliver_event(e) for e in events], daemon=True
@@ -324,7 +328,23 @@ class SlackEmulator:
             body=encode_form(form), content_type="application/x-www-form-urlencoded", retry=False
         )
         self._record("slash_command", form, result)
-        if result.ok:
+        if not result.ok:
+            # what Slack shows the user when the app does not acknowledge in time
+            reason = "operation_timeout" if result.status is None else "dispatch_failed"
+            with self.ws.lock:
+                self.ws.ephemerals.append(
+                    {
+                        "type": "message",
+                        "user": user,
+                        "channel": channel,
+                        "ts": self.ws.next_ts(),
+                        "text": f'{command} failed with the error "{reason}"',
+                        "is_ephemeral": True,
+                        "from_slack": True,
+                    }
+                )
+                self.ws.notify()
+        else:
             interactions.apply_command_answer(
                 self.api,
                 channel=channel,
