@@ -85,23 +85,41 @@ class Receiver:
         self.httpd.server_close()
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def emu():
-    emulator = SlackEmulator(
-        signing_secret=SECRET,
-        bot_token=TOKEN,
-        retry_delays=(0.05, 0.05, 0.05),
-        ack_timeout=0.5,
-        trigger_ttl=0.5,
-    )
-    emulator.start()
-    emulator.add_user("UALICE", name="alice", real_name="Alice")
-    emulator.add_user("UEXPERT", name="erin", real_name="Erin Expert", is_admin=True)
-    emulator.add_user("UBOB", name="bob")
-    emulator.add_channel("CGENERAL", name="general", members=["UALICE", "UEXPERT", "UBOT"])
-    emulator.add_channel("CRANDOM", name="random", members=["UALICE"])
-    yield emulator
-    emulator.stop()
+def make_emu():
+    """Started emulators with a small workspace. The ack timeout is generous (a loaded CI
+    machine must not cause spurious retries); tests of slowness pass a short one."""
+    started = []
+
+    def make(**overrides) -> SlackEmulator:
+        options = dict(
+            signing_secret=SECRET, bot_token=TOKEN, retry_delays=(0.05, 0.05, 0.05), ack_timeout=5.0
+        )
+        emulator = SlackEmulator(**{**options, **overrides}).start()
+        started.append(emulator)
+        emulator.add_user("UALICE", name="alice", real_name="Alice")
+        emulator.add_user("UEXPERT", name="erin", real_name="Erin Expert", is_admin=True)
+        emulator.add_user("UBOB", name="bob")
+        emulator.add_channel("CGENERAL", name="general", members=["UALICE", "UEXPERT", "UBOT"])
+        emulator.add_channel("CRANDOM", name="random", members=["UALICE"])
+        return emulator
+
+    yield make
+    for emulator in started:
+        emulator.stop()
+
+
+@pytest.fixture
+def emu(make_emu) -> SlackEmulator:
+    return make_emu()
 
 
 @pytest.fixture
@@ -162,6 +180,21 @@ def test_post_update_delete_and_threads(emu, client):
     assert [m["text"] for m in emu.messages("CGENERAL", thread_ts=first["ts"])] == ["the answer"]
     missing = api_error(lambda: client.chat_update(channel="CGENERAL", ts="1.000000", text="x"))
     assert missing.response["error"] == "message_not_found"
+
+
+def test_concurrent_posts_get_unique_ordered_timestamps(emu, client):
+    def post(n: int) -> None:
+        for i in range(10):
+            client.chat_postMessage(channel="CGENERAL", text=f"{n}-{i}")
+
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stamps = [m["ts"] for m in emu.messages("CGENERAL")]
+    assert len(stamps) == len(set(stamps)) == 60
+    assert stamps == sorted(stamps, key=float)
 
 
 def test_bot_cannot_edit_a_persons_message(emu, client):
@@ -265,7 +298,10 @@ def modal(title="Correct", with_input=True):
     return view
 
 
-def test_views_open_with_fresh_used_unknown_and_expired_triggers(emu, client):
+def test_views_open_with_fresh_used_unknown_and_expired_triggers(make_emu):
+    clock = FakeClock()
+    emu = make_emu(clock=clock)
+    client = WebClient(token=TOKEN, base_url=emu.api_url)
     trigger = emu.new_trigger_id("UEXPERT")
     view = client.views_open(trigger_id=trigger, view=modal())["view"]
     assert view["id"].startswith("V") and view["callback_id"] == "correct"
@@ -277,16 +313,16 @@ def test_views_open_with_fresh_used_unknown_and_expired_triggers(emu, client):
     unknown = api_error(lambda: client.views_open(trigger_id="1.2.nope", view=modal()))
     assert unknown.response["error"] == "invalid_trigger_id"
     stale = emu.new_trigger_id("UEXPERT")
-    time.sleep(0.6)  # the fixture's trigger_ttl is 0.5 s (Slack's is 3 s)
+    clock.now += 3.01  # Slack's trigger ids live 3 s
     expired = api_error(lambda: client.views_open(trigger_id=stale, view=modal()))
     assert expired.response["error"] == "expired_trigger_id"
 
+    without_submit = {k: v for k, v in modal().items() if k != "submit"}
     no_submit = api_error(
-        lambda: client.views_open(
-            trigger_id=emu.new_trigger_id("UEXPERT"), view={**modal(), "submit": None}
-        )
+        lambda: client.views_open(trigger_id=emu.new_trigger_id("UEXPERT"), view=without_submit)
     )
     assert no_submit.response["error"] == "invalid_arguments"
+    assert "/view/submit" in no_submit.response["response_metadata"]["messages"][0]
 
 
 def test_views_push_update_and_hash_conflict(emu, client):
@@ -416,8 +452,9 @@ def test_dm_and_channels_without_the_bot(emu, receiver):
         emu.post_message(user="UBOB", channel="CGENERAL", text="hi")
 
 
-def test_slow_bot_gets_retries_with_increasing_retry_num(emu):
-    slow_twice = Receiver(lambda request, index: (200, b"", 1.0 if index < 2 else 0.0))
+def test_slow_bot_gets_retries_with_increasing_retry_num(make_emu):
+    emu = make_emu(ack_timeout=1.0)
+    slow_twice = Receiver(lambda request, index: (200, b"", 2.0 if index < 2 else 0.0))
     emu.events_url = slow_twice.url
     try:
         result = emu.deliver_event({"type": "app_mention", "text": "hi", "user": "UALICE"})
@@ -494,9 +531,14 @@ def test_slash_command_form_ack_body_and_response_url(emu, receiver):
     assert [m["text"] for m in emu.messages("CGENERAL")] == ["for everyone"]
 
 
-def test_slow_slash_command_is_not_retried_and_the_user_sees_the_timeout(emu, receiver):
-    receiver.answer = lambda request, index: (200, b"", 1.0)  # ack_timeout is 0.5 s
-    result = emu.slash_command(user="UALICE", channel="CGENERAL", command="/ask", text="slow")
+def test_slow_slash_command_is_not_retried_and_the_user_sees_the_timeout(make_emu):
+    emu = make_emu(ack_timeout=0.5)
+    receiver = Receiver(lambda request, index: (200, b"", 1.5))
+    emu.events_url = receiver.url
+    try:
+        result = emu.slash_command(user="UALICE", channel="CGENERAL", command="/ask", text="x")
+    finally:
+        receiver.close()
     assert (result.ok, result.attempts, len(receiver.requests)) == (False, 1, 1)
     [shown] = emu.ephemerals(user="UALICE")
     assert shown["text"] == '/ask failed with the error "operation_timeout"'

@@ -67,7 +67,9 @@ class SlackEmulator:
         subscriptions: frozenset[str] | set[str] = DEFAULT_SUBSCRIPTIONS,
         host: str = "127.0.0.1",
         port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` (seconds) times trigger ids and response URLs; pass a fake to test expiry."""
         self.signing_secret = signing_secret
         self.bot_token = bot_token
         self.subscriptions = set(subscriptions)
@@ -79,6 +81,7 @@ class SlackEmulator:
             bot_user_id=bot_user_id,
             bot_id=bot_id,
             app_id=app_id,
+            clock=clock,
         )
         self.api = WebApi(
             workspace=self.ws,

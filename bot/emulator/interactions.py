@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import secrets
-import time
 
 from bot.emulator import blocks_check
 from bot.emulator.web_api import WebApi
@@ -40,7 +39,7 @@ def new_response_url(
             "message_ts": message_ts,
             "is_ephemeral": is_ephemeral,
             "thread_ts": thread_ts,
-            "created": time.monotonic(),
+            "created": api.ws.clock(),
             "uses": 0,
         }
     return f"{api.base_url}response/{key}"
@@ -74,7 +73,7 @@ def apply_response_url(api: WebApi, *, key: str, body: dict) -> tuple[int, str]:
             return 404, "no_such_url"
         if (
             target["uses"] >= MAX_RESPONSE_URL_USES
-            or time.monotonic() - target["created"] > RESPONSE_URL_TTL_S
+            or api.ws.clock() - target["created"] > RESPONSE_URL_TTL_S
         ):
             return 404, "used_url"
         target["uses"] += 1

@@ -32,12 +32,14 @@ class Workspace:
         bot_id: str,
         app_id: str,
         ts_start: float = 1_700_000_000.0,
+        clock=time.monotonic,
     ) -> None:
         self.team_id = team_id
         self.team_domain = team_domain
         self.bot_user_id = bot_user_id
         self.bot_id = bot_id
         self.app_id = app_id
+        self.clock = clock  # seconds, for trigger and response-URL lifetimes; tests may fake it
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.users: dict[str, dict] = {}
@@ -75,7 +77,7 @@ class Workspace:
         with self.lock:
             self.triggers[trigger_id] = {
                 "user": user,
-                "issued": time.monotonic(),
+                "issued": self.clock(),
                 "used": False,
                 "view_id": view_id,
             }

@@ -109,7 +109,11 @@ class WebApi:
                     if retry_after is not None:
                         headers["Retry-After"] = str(int(retry_after))
                     raise ApiError(error, status=status)
-                body = handler(self, params)
+                try:
+                    body = handler(self, params)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    # an argument of the wrong shape (e.g. limit="ten", view as a list)
+                    raise ApiError("invalid_arguments", [f"[ERROR] {exc!r}"]) from exc
                 self.ws.notify()
             return 200, {"ok": True, **body}, headers
         except ApiError as exc:
@@ -244,7 +248,7 @@ class WebApi:
             raise ApiError("invalid_trigger_id")
         if trigger["used"]:
             raise ApiError("exchanged_trigger_id")
-        if time.monotonic() - trigger["issued"] > self.trigger_ttl:
+        if self.ws.clock() - trigger["issued"] > self.trigger_ttl:
             raise ApiError("expired_trigger_id")
         trigger["used"] = True
         return trigger
