@@ -127,6 +127,11 @@ _NOT_A_VALUE_START = re.compile(r"\[[A-Z_]+\]|<[^<>\n]{1,80}>|\{\{[^{}\n]*\}\}")
 def _assignment_findings(text: str) -> Iterator[Finding]:
     for match in _ASSIGNMENT.finditer(text):
         value = match.group("value")
+        start, end = match.span("value")
+        if not match.group("quote") and len(value) > 1 and value.endswith("."):
+            # "set password=hunter2." ends a sentence; the full stop is not part of the secret.
+            value = value.rstrip(".") or value
+            end = start + len(value)
         if _NOT_A_VALUE_START.match(text, match.start("value")) or _NOT_A_SECRET.match(value):
             continue
         is_password = match.group("pw") is not None
@@ -138,7 +143,7 @@ def _assignment_findings(text: str) -> Iterator[Finding]:
             # words: past a colon or "is", only a value that looks generated counts.
             if not _looks_generated(value):
                 continue
-        yield Finding("PASSWORD" if is_password else "SECRET", match.span("value"))
+        yield Finding("PASSWORD" if is_password else "SECRET", (start, end))
 
 
 def _looks_generated(value: str) -> bool:
