@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from bot.emulator import interactions, payloads
 from bot.emulator.delivery import Deliverer, DeliveryResult, encode_form, encode_payload
+from bot.emulator.observing import WorkspaceViews
 from bot.emulator.server import EmulatorServer
 from bot.emulator.state import Workspace
 from bot.emulator.web_api import WebApi
@@ -48,7 +49,7 @@ class Delivery:
     result: DeliveryResult
 
 
-class SlackEmulator:
+class SlackEmulator(WorkspaceViews):
     """A fake Slack workspace with one bot, served over HTTP on 127.0.0.1."""
 
     def __init__(
@@ -378,7 +379,7 @@ class SlackEmulator:
                 is_ephemeral = message is not None
             if message is None:
                 raise LookupError(f"no message {message_ts} in {channel} (nor an ephemeral)")
-            button, block_id = _find_button(message.get("blocks") or [], label, action_id)
+            button, block_id = payloads.find_button(message.get("blocks") or [], label, action_id)
             message = copy.deepcopy(message)
             channel_info = self.ws.channels[channel]
             user_info = self.ws.users[user]
@@ -423,7 +424,7 @@ class SlackEmulator:
         with self.ws.lock:
             view = copy.deepcopy(self.ws.views[view_id])
             user_info = self.ws.users[user]
-        button, block_id = _find_button(view["blocks"], label, action_id)
+        button, block_id = payloads.find_button(view["blocks"], label, action_id)
         payload = payloads.block_actions_payload(
             team_id=self.ws.team_id,
             team_domain=self.ws.team_domain,
@@ -444,7 +445,7 @@ class SlackEmulator:
                 raise LookupError(f"view {view_id} is not open for {user} (open: {open_ids})")
             view = copy.deepcopy(self.ws.views[view_id])
             user_info = self.ws.users[user]
-        view["state"] = {"values": _state_values(view, values or {})}
+        view["state"] = {"values": payloads.view_state_values(view, values or {})}
         with self.ws.lock:
             self.ws.views[view_id]["state"] = copy.deepcopy(view["state"])
         payload = payloads.view_submission_payload(
@@ -569,176 +570,3 @@ class SlackEmulator:
         with self.ws.lock:
             self.deliveries.append(Delivery(kind, payload, result))
             self.ws.notify()
-
-    # -- looking at the workspace --------------------------------------------------------------
-
-    def messages(self, channel: str, thread_ts: str | None = None) -> list[dict]:
-        """Current messages (edits applied), oldest first: the channel's top level, or the
-        thread (parent first) when `thread_ts` is given. Each carries its `channel`."""
-        with self.ws.lock:
-            found = self.ws.thread(channel, thread_ts) if thread_ts else self.ws.top_level(channel)
-            return [dict(copy.deepcopy(m), channel=channel) for m in found]
-
-    def ephemerals(self, channel: str | None = None, user: str | None = None) -> list[dict]:
-        with self.ws.lock:
-            return [
-                copy.deepcopy(e)
-                for e in self.ws.ephemerals
-                if channel in (None, e["channel"]) and user in (None, e["user"])
-            ]
-
-    @property
-    def views(self) -> dict[str, dict]:
-        """Open modals by id (each has root_view_id/previous_view_id: its place in the stack)."""
-        with self.ws.lock:
-            return {
-                view_id: copy.deepcopy(self.ws.views[view_id])
-                for stack in self.ws.modal_stacks.values()
-                for view_id in stack
-            }
-
-    def view_stack(self, user: str) -> list[dict]:
-        """The user's open modals, bottom first."""
-        with self.ws.lock:
-            return [copy.deepcopy(self.ws.views[v]) for v in self.ws.modal_stacks.get(user, [])]
-
-    @property
-    def home_views(self) -> dict[str, dict]:
-        return self.ws.snapshot(self.ws.home_views)
-
-    @property
-    def files(self) -> list[dict]:
-        return self.ws.snapshot(self.ws.files)
-
-    @property
-    def calls(self) -> list[tuple[str, dict]]:
-        return self.ws.snapshot(self.ws.calls)
-
-    def calls_to(self, method: str) -> list[dict]:
-        """The params of every call to one Web API method, oldest first."""
-        return [params for name, params in self.calls if name == method]
-
-    def wait_until(self, condition: Callable[[], object], *, timeout: float, describe) -> object:
-        """Sleep on the workspace's Condition until `condition()` is truthy; return it."""
-        deadline = time.monotonic() + timeout
-        with self.ws.changed:
-            while True:
-                found = condition()
-                if found:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(describe())
-                self.ws.changed.wait(timeout=min(left, 0.25))
-
-    def wait_for_message(
-        self,
-        *,
-        channel: str,
-        thread_ts: str | None = None,
-        predicate: Callable[[dict], bool] | None = None,
-        user: str | None = None,
-        timeout: float = 10.0,
-    ) -> dict:
-        """The first message (oldest first) in the channel, or among the thread's replies, that
-        matches; waits for one up to `timeout` s. `TimeoutError` lists what there was."""
-
-        def candidates() -> list[dict]:
-            found = self.messages(channel, thread_ts)
-            if thread_ts:
-                found = [m for m in found if m["ts"] != thread_ts]
-            return [m for m in found if user in (None, m.get("user"))]
-
-        def match():
-            return next((m for m in candidates() if predicate is None or predicate(m)), None)
-
-        def describe() -> str:
-            seen = [(m.get("user"), m["ts"], (m.get("text") or "")[:80]) for m in candidates()]
-            where = f"{channel} thread {thread_ts}" if thread_ts else channel
-            return f"no matching message in {where} after {timeout} s; saw {seen}"
-
-        return self.wait_until(match, timeout=timeout, describe=describe)
-
-    def wait_for_ephemeral(
-        self,
-        *,
-        channel: str | None = None,
-        user: str | None = None,
-        predicate: Callable[[dict], bool] | None = None,
-        timeout: float = 10.0,
-    ) -> dict:
-        def match():
-            found = self.ephemerals(channel=channel, user=user)
-            return next((e for e in found if predicate is None or predicate(e)), None)
-
-        def describe() -> str:
-            seen = [(e["user"], (e.get("text") or "")[:80]) for e in self.ephemerals(channel)]
-            return f"no matching ephemeral for {user} in {channel} after {timeout} s; saw {seen}"
-
-        return self.wait_until(match, timeout=timeout, describe=describe)
-
-    def wait_for_view(
-        self,
-        *,
-        user: str,
-        predicate: Callable[[dict], bool] | None = None,
-        timeout: float = 10.0,
-    ) -> dict:
-        """The top open modal of `user` that matches; waits for one."""
-
-        def match():
-            stack = self.view_stack(user)
-            top = stack[-1] if stack else None
-            return top if top and (predicate is None or predicate(top)) else None
-
-        def describe() -> str:
-            titles = [(v["id"], (v.get("title") or {}).get("text")) for v in self.view_stack(user)]
-            return f"no matching open modal for {user} after {timeout} s; open: {titles}"
-
-        return self.wait_until(match, timeout=timeout, describe=describe)
-
-
-def _find_button(blocks: list[dict], label: str | None, action_id: str | None):
-    """The button whose text (or action_id) matches, and its block's id."""
-    seen = []
-    for block in blocks:
-        elements = list(block.get("elements") or []) if block.get("type") == "actions" else []
-        if isinstance(block.get("accessory"), dict):
-            elements.append(block["accessory"])
-        for element in elements:
-            if not isinstance(element, dict) or element.get("type") != "button":
-                continue
-            text = (element.get("text") or {}).get("text")
-            seen.append(text)
-            if (label is not None and text == label) or (
-                action_id is not None and element.get("action_id") == action_id
-            ):
-                return element, block.get("block_id", "")
-    raise LookupError(f"no button {label or action_id!r}; buttons there: {seen}")
-
-
-def _state_values(view: dict, values: dict) -> dict:
-    """`view.state.values` for every input block, as Slack's client would fill it."""
-    state: dict[str, dict] = {}
-    known = {b.get("block_id") for b in view.get("blocks", []) if b.get("type") == "input"}
-    unknown = set(values) - known
-    if unknown:
-        raise KeyError(f"no input blocks {sorted(unknown)} in view; inputs: {sorted(known)}")
-    for block in view.get("blocks", []):
-        if block.get("type") != "input":
-            continue
-        element = block.get("element", {})
-        action_id = element.get("action_id", "")
-        entry = values.get(block["block_id"], {})
-        if set(entry) - {action_id}:
-            raise KeyError(f"input {block['block_id']} has action_id {action_id!r}, not {entry}")
-        given = entry.get(action_id)
-        if given is None and "initial_value" in element:
-            given = element["initial_value"]
-        if given in (None, "", []) and not block.get("optional", False):
-            raise ValueError(
-                f"input {block['block_id']}/{action_id} is required: Slack's client would not "
-                "submit the form without it"
-            )
-        state[block["block_id"]] = {action_id: payloads.input_state(element, given)}
-    return state

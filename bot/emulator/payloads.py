@@ -258,3 +258,49 @@ def _find_option(element: dict, given) -> dict:
             return option
     choices = [o.get("value") for o in options]
     raise ValueError(f"no option {given!r} in {element.get('action_id')!r}; options: {choices}")
+
+
+def find_button(blocks: list[dict], label: str | None, action_id: str | None):
+    """The button whose text (or action_id) matches, and its block's id."""
+    seen = []
+    for block in blocks:
+        elements = list(block.get("elements") or []) if block.get("type") == "actions" else []
+        if isinstance(block.get("accessory"), dict):
+            elements.append(block["accessory"])
+        for element in elements:
+            if not isinstance(element, dict) or element.get("type") != "button":
+                continue
+            text = (element.get("text") or {}).get("text")
+            seen.append(text)
+            if (label is not None and text == label) or (
+                action_id is not None and element.get("action_id") == action_id
+            ):
+                return element, block.get("block_id", "")
+    raise LookupError(f"no button {label or action_id!r}; buttons there: {seen}")
+
+
+def view_state_values(view: dict, values: dict) -> dict:
+    """`view.state.values` for every input block, as Slack's client would fill it."""
+    state: dict[str, dict] = {}
+    known = {b.get("block_id") for b in view.get("blocks", []) if b.get("type") == "input"}
+    unknown = set(values) - known
+    if unknown:
+        raise KeyError(f"no input blocks {sorted(unknown)} in view; inputs: {sorted(known)}")
+    for block in view.get("blocks", []):
+        if block.get("type") != "input":
+            continue
+        element = block.get("element", {})
+        action_id = element.get("action_id", "")
+        entry = values.get(block["block_id"], {})
+        if set(entry) - {action_id}:
+            raise KeyError(f"input {block['block_id']} has action_id {action_id!r}, not {entry}")
+        given = entry.get(action_id)
+        if given is None and "initial_value" in element:
+            given = element["initial_value"]
+        if given in (None, "", []) and not block.get("optional", False):
+            raise ValueError(
+                f"input {block['block_id']}/{action_id} is required: Slack's client would not "
+                "submit the form without it"
+            )
+        state[block["block_id"]] = {action_id: input_state(element, given)}
+    return state
