@@ -302,3 +302,54 @@ def test_chat_jsonl_lines():
 def test_normalise_question():
     assert normalise_question("<@U1> How do I  deploy?") == normalise_question("how do i deploy")
     assert normalise_question("How do I deploy?") != normalise_question("How do I test?")
+
+
+def _cli():
+    import typer
+
+    from bot.cli import learning_commands
+
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, so the command is called by its name
+    learning_commands.register(app)
+    return app
+
+
+def test_export_writes_scrubbed_chat_jsonl_and_reports_on_stderr(store, database_url, tmp_path):
+    from typer.testing import CliRunner
+
+    ids = []
+    for i in range(6):
+        answer = store.answer(f"How do I run job {i}? mail ops@acme.io", f"run job{i}", minute=i)
+        store.verdict(answer, "approve", minute=i + 0.5)
+        ids.append(f"answer:{answer}")
+    private = store.answer("secret plan?", "x", channel_type="group", channel_id="G1", minute=9)
+    store.verdict(private, "approve", minute=10)
+
+    runner = CliRunner()
+    result = runner.invoke(_cli(), ["export", "--database-url", database_url])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["id"] for row in rows] == ids
+    assert all("ops@acme.io" not in line for line in result.stdout.splitlines())
+    assert rows[0]["messages"][0] == {"role": "user", "content": "How do I run job 0? mail [EMAIL]"}
+    assert "exported 6 examples" in result.stderr and "private 1" in result.stderr
+
+    out = tmp_path / "eval.jsonl"
+    result = runner.invoke(
+        _cli(), ["export", "--database-url", database_url, "--split", "eval", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    held_out = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    train = runner.invoke(_cli(), ["export", "--database-url", database_url, "--split", "train"])
+    trained = [json.loads(line)["id"] for line in train.stdout.splitlines()]
+    assert len(held_out) >= 1 and set(held_out).isdisjoint(trained)
+    assert sorted(held_out + trained) == sorted(ids)
+
+
+def test_export_says_what_is_wrong_with_a_bad_split(sqlite_url):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli(), ["export", "--database-url", sqlite_url, "--split", "test"])
+    assert result.exit_code != 0
+    assert "train" in result.output and "eval" in result.output

@@ -19,10 +19,11 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from bot.cli import model_commands, slack_commands
+    from bot.cli import learning_commands, model_commands, slack_commands
 
     model_commands.register(app)
     slack_commands.register(app)
+    learning_commands.register(app)
 
 
 def main() -> None:
