@@ -135,8 +135,8 @@ def _assignment_findings(text: str) -> Iterator[Finding]:
         if _NOT_A_VALUE_START.match(text, match.start("value")) or _NOT_A_SECRET.match(value):
             continue
         is_password = match.group("pw") is not None
-        if value.isdigit() and not is_password:
-            continue  # max_tokens=160, token_ttl: 3600
+        if value.isdigit() and not (is_password and _names_the_password(match.group("key"))):
+            continue  # max_tokens=160, token_ttl: 3600, password_min_length=12
         op = match.group("op").strip().lower()
         if op not in ("=", ":=", "=>") and not match.group("quote"):
             # Prose ("passwords: never share them", "the token is stored in vault") uses the same
@@ -144,6 +144,11 @@ def _assignment_findings(text: str) -> Iterator[Finding]:
             if not _looks_generated(value):
                 continue
         yield Finding("PASSWORD" if is_password else "SECRET", (start, end))
+
+
+def _names_the_password(key: str) -> bool:
+    # DB_PASSWORD=1234 is a PIN-like password; password_min_length=12 is a property of one.
+    return re.search(rf"(?:{_PASSWORD_WORDS})[\"']?$", key, re.IGNORECASE) is not None
 
 
 def _looks_generated(value: str) -> bool:
