@@ -196,20 +196,24 @@ def test_the_latest_verdict_wins_per_question_within_a_scope(team, embedder):
     old = team.answered("How do I get VPN access?", "Ask IT.", channel="CGENERAL")
     new = team.answered("how do I get VPN access", "Ask Bob.", channel="CHELP")
     mine = team.answered("How do I get VPN access??", "Ask Carol.", channel="GOPS", type="group")
+    stale = team.answered("How do I get VPN access", "Ask Dave.", channel="GDEV", type="group")
     team.verdict(old, "approve", at=NOV_20)
+    team.verdict(stale, "approve", at=NOV_20 + timedelta(hours=1))
     team.verdict(new, "correct", text=VPN_FACT, at=NOV_20 + timedelta(days=1))
     team.verdict(mine, "approve", at=NOV_20 + timedelta(days=2))
     kb = KnowledgeBase(db=team.engine, embedder=embedder)
     kb.refresh()
 
-    # One public entry (the later correction) and the private channel's own.
-    assert sorted(e.id for e in kb.entries) == [f"answer:{new}", f"answer:{mine}"]
+    # One public entry (the later correction) and each private channel's own.
+    assert sorted(e.id for e in kb.entries) == [f"answer:{i}" for i in sorted([new, mine, stale])]
     asked = "what's the way to request access to the VPN?"
     [public_hit] = kb.search(asked, channel_id="CRANDOM")
     assert public_hit.entry.answer == VPN_FACT
-    # In the private channel both are visible; the notes hold only the latest, never both.
+    # In a private channel both are visible; the notes hold only the latest, never both.
     [own_hit] = kb.search(asked, channel_id="GOPS")
     assert own_hit.entry.answer == "Ask Carol."
+    [newer_public_hit] = kb.search(asked, channel_id="GDEV")
+    assert newer_public_hit.entry.answer == VPN_FACT
     assert kb.exact_match("HOW DO I GET VPN ACCESS", channel_id="GOPS").answer == "Ask Carol."
 
 

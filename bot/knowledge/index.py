@@ -178,10 +178,9 @@ class KnowledgeBase:
         # to each other in the order; a few rows past k are enough to see them.
         for row in order[: k * 4]:
             entry = snapshot.entries[row]
-            key = normalise_question(entry.question)
-            seen = hits.get(key)
+            seen = hits.get(entry.key)
             if seen is None or entry.verdict_at > seen.entry.verdict_at:
-                hits[key] = Hit(entry=entry, score=float(scores[row]))
+                hits[entry.key] = Hit(entry=entry, score=float(scores[row]))
         return sorted(hits.values(), key=lambda hit: -hit.score)[:k]
 
     def exact_match(self, question: str, *, channel_id: str | None) -> KnowledgeEntry | None:
@@ -198,7 +197,7 @@ class KnowledgeBase:
             return None
         entry = hits[0].entry
         # Embeddings barely see digits: "P1" and "P2", "3.11" and "3.12" score ~0.96.
-        if _NUMBER.findall(key) != _NUMBER.findall(normalise_question(entry.question)):
+        if _NUMBER.findall(key) != _NUMBER.findall(entry.key):
             return None
         return entry
 
@@ -221,7 +220,7 @@ class KnowledgeBase:
         for row, entry in enumerate(entries):
             if not entry.public:
                 private.setdefault(entry.channel_id, []).append(row)
-            by_text.setdefault(normalise_question(entry.question), []).append(entry)
+            by_text.setdefault(entry.key, []).append(entry)
         return _Snapshot(
             entries=tuple(entries),
             matrix=matrix,
