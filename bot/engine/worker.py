@@ -243,6 +243,8 @@ class AnswerEngine:
             except Exception as exc:  # a bug must not kill the worker and hang every caller
                 log.exception("the engine worker failed on a %s", type(work).__name__)
                 futures = [work.future] if isinstance(work, _Swap) else [j.future for j in work]
+                if not isinstance(work, _Swap):
+                    self._counts["failed"] += sum(not future.done() for future in futures)
                 for future in futures:
                     _fail(future, EngineError(f"the answer engine failed: {exc}"))
 
