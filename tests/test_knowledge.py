@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from itertools import count
 
@@ -305,6 +306,22 @@ def test_searches_during_refreshes_from_many_threads(sqlite_url, embedder):
     assert errors == []
     assert len(kb) == 8
     assert len(kb.search(asked, channel_id="CPUBLIC", k=10)) == 8
+
+
+def test_background_refresh_picks_up_a_new_verdict(sqlite_url, embedder):
+    team = Team(open_database(sqlite_url))
+    kb = KnowledgeBase(db=team.engine, embedder=embedder)
+    stop = kb.refresh_in_background(every_s=0.05)
+    try:
+        team.verdict(team.answered("How do I get VPN access?"), "correct", text=VPN_FACT)
+        for _ in range(200):  # polls; the bound only keeps a broken refresher from hanging
+            if kb.exact_match("how do I get VPN access", channel_id="C1") is not None:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the background refresh never picked up the new correction")
+    finally:
+        stop.set()
 
 
 def test_embedder_vectors_are_unit_length_and_cached(embedder):

@@ -8,7 +8,7 @@ only those the asker's channel may see (see `entries.py` for the visibility rule
 Thresholds (cosine similarity of all-MiniLM-L6-v2 question embeddings), measured on 30
 paraphrase pairs and 30 non-matching pairs of team questions (`bench/retrieval_scale.py
 --calibrate`): unrelated questions score below 0.15 and questions on a neighbouring topic
-(VPN vs staging database) 0.27–0.56; paraphrases spread from 0.22 to 0.90, 73 % of them at or
+(VPN vs staging database) 0.27–0.56; paraphrases spread from 0.22 to 0.90, 70 % of them at or
 above 0.6. 0.6 is the lowest cut with no neighbouring-topic question above it. Questions that
 differ in one entity ("deploy to production" vs "to staging", "P1" vs "P3") score 0.5–0.9 and no
 threshold separates them: the notes carry their own question so the model (and the reader of
@@ -19,7 +19,12 @@ normalised text equal, or similarity ≥ 0.98 *and* the same numbers. One-word s
 0.96 ("open on Monday" vs "on Tuesday", "python 3.11 or 3.12" vs "3.12 or 3.13").
 
 Search is brute force: one matrix-vector product over every entry's vector, a mask for the
-channel, a partial sort. `bench/retrieval_scale.py` measures when that stops being cheap.
+channel, a sort of the few rows above the threshold. `bench/retrieval_scale.py` measures it:
+under 0.1 ms at 1k entries, ~15 ms at 50k (memory-bound: 73 MiB of vectors per query), so it
+passes 5 % of a 1 s answer only past ~150k entries; embedding the question (~10 ms) costs more.
+A refresh that finds a changed verdict re-reads every entry (~0.3 s at 10k, ~3 s at 50k on a
+busy two-core machine): call `refresh()` before each answer for small teams, or use
+`refresh_in_background()` past a few thousand entries.
 
 Thread safety: a refresh builds a new immutable snapshot and swaps it in with one assignment,
 so searches never lock and never see half an update; refreshes serialise on their own lock.
@@ -27,6 +32,7 @@ so searches never lock and never see half an update; refreshes serialise on thei
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -49,6 +55,8 @@ from bot.store.db import session_scope
 from bot.store.models import Verdict
 
 __all__ = ["Hit", "KnowledgeBase", "RefreshReport", "as_notes", "citation"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_EXACT_THRESHOLD = 0.98
@@ -157,6 +165,25 @@ class KnowledgeBase:
                 skipped=False,
                 seconds=time.perf_counter() - started,
             )
+
+    def refresh_in_background(self, *, every_s: float = 2.0) -> threading.Event:
+        """Refresh on a daemon thread every `every_s` seconds until the returned event is set.
+
+        Past a few thousand entries a refresh after a verdict costs a noticeable share of an
+        answer (see the bench); refreshing on a timer keeps that off the answer path, at the
+        price of an expert's verdict taking up to `every_s` to be found.
+        """
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.refresh()
+                except Exception:  # the database may be briefly away; try again next tick
+                    log.warning("knowledge base refresh failed; retrying", exc_info=True)
+
+        threading.Thread(target=loop, name="knowledge-refresh", daemon=True).start()
+        return stop
 
     def search(self, question: str, *, channel_id: str | None, k: int = 3) -> list[Hit]:
         """Up to `k` entries visible in `channel_id` whose question means the same, best first.
