@@ -67,6 +67,9 @@ def create_wsgi_app(app: App, services: Services):
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops SYNs in a burst; the client's retransmit then
+    # costs a full second of ack latency (measured with bench/ack_bench.py)
+    request_queue_size = 128
 
 
 class _QuietHandler(WSGIRequestHandler):
