@@ -185,6 +185,23 @@ def test_a_later_reject_removes_the_entry(team, embedder):
     assert kb.search("how do I get vpn access", channel_id="CPUBLIC") == []
 
 
+def test_a_later_reject_of_the_same_question_retires_an_older_approval(team, embedder):
+    older = team.answered("How do I get VPN access?", "Ask Bob, he has the tokens.")
+    newer = team.answered("how do I get vpn access", "Ask Bob.", channel="CHELP")
+    elsewhere = team.answered(
+        "How do I get VPN access?", "Ask Carol.", channel="GOPS", type="group"
+    )
+    team.verdict(older, "approve", at=NOV_20)
+    team.verdict(elsewhere, "approve", at=NOV_20)
+    team.verdict(newer, "reject", by="UBOB", at=NOV_20 + timedelta(days=30))
+    kb = KnowledgeBase(db=team.engine, embedder=embedder)
+    kb.refresh()
+
+    # Bob left: the stale approval is not served in public; the private channel keeps its own.
+    assert [e.id for e in kb.entries] == [f"answer:{elsewhere}"]
+    assert kb.exact_match("How do I get VPN access?", channel_id="CGENERAL") is None
+
+
 def test_soft_votes_and_unfinished_answers_make_no_entry(team):
     team.verdict(team.answered("Who is on call?"), "up", by="UANYONE")
     pending = team.answered("When is payday?", "")

@@ -13,8 +13,15 @@ conversation. Anything else (an unknown type, a question asked outside Slack) is
 private to its channel id, because leaking is worse than missing.
 
 When the same question (after `normalise_question`) was answered and judged several times in
-one visibility scope, only the entry with the latest verdict is kept: a newer correction
-replaces an older approval instead of contradicting it.
+one visibility scope, the latest effective verdict among its answers decides, as in the
+training set: a newer correction replaces an older approval instead of contradicting it, and a
+newer rejection leaves no entry at all (the expert may have rejected the answer because the old
+fact went stale). Unlike the training set, private conversations need no opt-in here: their
+entries are only ever shown back where they were asked.
+
+`bot.learning.dataset.build_training_set` applies the same rules in Python over ORM rows and
+exposes no per-answer query to share, so this module has its own window query; keep the two in
+step when the rules change.
 """
 
 from __future__ import annotations
@@ -67,7 +74,11 @@ class KnowledgeEntry:
     @property
     def scope(self) -> tuple[bool, str | None]:
         """Entries compete ("latest verdict wins") only with others of the same scope."""
-        return (True, None) if self.public else (False, self.channel_id)
+        return _scope(self.channel_type, self.channel_id)
+
+
+def _scope(channel_type: str | None, channel_id: str | None) -> tuple[bool, str | None]:
+    return (True, None) if channel_type == PUBLIC_CHANNEL_TYPE else (False, channel_id)
 
 
 def clean_question(text: str) -> str:
@@ -87,8 +98,8 @@ def current_entries(*, session: Session) -> list[KnowledgeEntry]:
     """Every answer the experts currently stand behind, one per question and scope.
 
     One query: a window over the non-withdrawn expert verdicts picks each answer's latest
-    (by time, then id, so two verdicts in the same instant still have an order), and only
-    approvals and corrections of finished answers are joined to their question.
+    (by time, then id, so two verdicts in the same instant still have an order), joined to
+    its answer and question; then, per question and scope, the latest of those decides.
     """
     ranked = (
         select(
@@ -128,13 +139,13 @@ def current_entries(*, session: Session) -> list[KnowledgeEntry]:
             .join(Answer, col(Answer.id) == col(Verdict.answer_id))
             .join(Question, col(Question.id) == col(Answer.question_id))
             .where(ranked.c.rank == 1)
-            .where(col(Verdict.kind).in_([VerdictKind.APPROVE.value, VerdictKind.CORRECT.value]))
             .order_by(col(Verdict.created_at), col(Verdict.id))
         )
         .all()
     )
 
-    latest: dict[tuple[tuple[bool, str | None], str], KnowledgeEntry] = {}
+    # Rows come oldest verdict first, so a later one overwrites an earlier one.
+    latest: dict[tuple[tuple[bool, str | None], str], KnowledgeEntry | None] = {}
     for (
         verdict_id,
         kind,
@@ -152,6 +163,10 @@ def current_entries(*, session: Session) -> list[KnowledgeEntry]:
         thread_ts,
         question_ts,
     ) in rows:
+        key = normalise_question(question_text)
+        if kind == VerdictKind.REJECT.value:
+            latest[(_scope(channel_type, channel_id), key)] = None
+            continue
         corrected = kind == VerdictKind.CORRECT.value
         text = (correction if corrected else answer_text) or ""
         # An approval of a reply that never finished has nothing worth repeating.
@@ -173,8 +188,7 @@ def current_entries(*, session: Session) -> list[KnowledgeEntry]:
             channel_type=channel_type,
             thread_ts=thread_ts or question_ts,
             answer_ts=answer_ts,
-            key=normalise_question(question_text),
+            key=key,
         )
-        # Rows come oldest verdict first, so a later one overwrites an earlier one.
-        latest[(entry.scope, entry.key)] = entry
-    return sorted(latest.values(), key=lambda e: e.answer_id)
+        latest[(entry.scope, key)] = entry
+    return sorted((e for e in latest.values() if e is not None), key=lambda e: e.answer_id)
