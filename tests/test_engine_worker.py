@@ -15,6 +15,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from bot.engine import worker as worker_module
 from bot.engine.loading import load_base_model
 from bot.engine.types import AnswerRequest, EngineError, EngineStopped, EngineTimeout
 from bot.engine.worker import AnswerEngine
@@ -86,10 +87,13 @@ def test_the_perturbed_tiny_model_gives_distinct_answers(engine):
     assert len(set(answers)) > len(answers) // 2
 
 
-def test_eight_questions_at_once_share_batches_and_equal_single_answers(loaded):
+def test_eight_questions_at_once_share_one_batch_and_equal_single_answers(loaded):
     with make_engine(loaded) as engine:
         singles = texts(engine)
         before = engine.stats()["batches"]
+        gate = Gate()  # keep the worker busy so that all eight are waiting when it looks
+        blocker = engine.submit("hold the worker", on_partial=gate)
+        assert gate.entered.wait(WAIT)
         barrier = threading.Barrier(len(QUESTIONS))
         futures: list[Future | None] = [None] * len(QUESTIONS)
 
@@ -102,11 +106,14 @@ def test_eight_questions_at_once_share_batches_and_equal_single_answers(loaded):
             thread.start()
         for thread in threads:
             thread.join()
+        assert engine.stats()["queue_depth"] == len(QUESTIONS)
+        gate.release.set()
+        blocker.result(timeout=WAIT)
         batched = [future.result(timeout=WAIT) for future in futures]
         stats = engine.stats()
     assert [result.text for result in batched] == singles
-    assert stats["batches"] - before < len(QUESTIONS)
-    assert stats["answered"] == 2 * len(QUESTIONS)
+    assert stats["batches"] - before == 2  # the blocker, then all eight together
+    assert stats["answered"] == 2 * len(QUESTIONS) + 1
 
 
 def test_questions_queued_before_start_go_in_one_batch_with_their_own_limits(loaded):
@@ -216,17 +223,17 @@ def test_stop_fails_queued_questions_and_lets_the_one_in_flight_finish(loaded):
     assert not engine.stats()["running"]
 
 
-def test_stop_aborts_a_batch_that_outlives_the_timeout(loaded):
+def test_stop_aborts_a_batch_that_outlives_the_timeout(loaded, monkeypatch, caplog):
+    monkeypatch.setattr(worker_module, "ABORT_GRACE_S", 0.05)
     engine = make_engine(loaded, max_new_tokens=64).start()
     gate = Gate()
     in_flight = engine.submit("in flight", on_partial=gate)
     assert gate.entered.wait(WAIT)
-    releaser = threading.Timer(0.3, gate.release.set)
-    releaser.start()
-    engine.stop(timeout=0.05)
-    releaser.join()
+    engine.stop(timeout=0.05)  # the worker is still held: stop gives up and asks for an abort
+    assert "did not stop" in caplog.text
+    gate.release.set()
     with pytest.raises(EngineStopped):
-        in_flight.result(timeout=0)
+        in_flight.result(timeout=WAIT)
 
 
 # adapters
