@@ -177,6 +177,11 @@ def test_an_empty_question_is_refused_at_once(engine):
         engine.answer(AnswerRequest(question=""))
 
 
+def test_answer_refuses_to_wait_on_an_engine_never_started(loaded):
+    with pytest.raises(EngineError, match="not started"):
+        make_engine(loaded).answer("hello", timeout=None)
+
+
 def test_from_settings_loads_the_configured_model(make_settings):
     settings = make_settings(max_new_tokens=3, batch_size=2)
     with AnswerEngine.from_settings(settings) as engine:

@@ -6,6 +6,8 @@ than for one). So callers only enqueue: `submit` returns a `Future` at once (Bol
 ack within milliseconds) and the worker takes everything waiting, up to `batch_size`, left-pads
 it and runs one greedy `generate`. Greedy decoding keeps batched answers equal to single ones.
 
+Importing this module is cheap (no torch, no transformers): they load with the model.
+
 Adapter swaps go through the same queue, in order, and are applied only between batches: an
 answer in flight always finishes on the version it started with, and a question asked after a
 swap was requested is answered by the new version. A swap validates the folder (config, weights,
@@ -32,7 +34,6 @@ from typing import Any
 
 from bot.engine.loading import LoadedModel, load_from_settings
 from bot.engine.prompt import check_question, encode_prompt
-from bot.engine.streaming import BatchStreamer, answer_ids, decode_answer
 from bot.engine.types import (
     AnswerRequest,
     AnswerResult,
@@ -160,6 +161,8 @@ class AnswerEngine:
 
     def answer(self, request: AnswerRequest | str, *, timeout: float | None = None) -> AnswerResult:
         """Submit and wait; raise `EngineTimeout` when `timeout` seconds pass first."""
+        if self._thread is None:
+            raise EngineError("the answer engine is not started: call start() (or use `with`)")
         future = self.submit(request)
         try:
             return future.result(timeout=timeout)
@@ -250,6 +253,9 @@ class AnswerEngine:
 
     def _answer_batch(self, jobs: list[_Job]) -> None:
         import torch
+        from transformers import StoppingCriteriaList
+
+        from bot.engine.streaming import BatchStreamer, answer_ids, decode_answer
 
         started = time.perf_counter()
         tokenizer = self.loaded.tokenizer
@@ -288,8 +294,6 @@ class AnswerEngine:
             stop_ids=self._stop_ids,
             limits=limits,
         )
-        from transformers import StoppingCriteriaList
-
         version = self._active
         model, adapter_off = self._serving_model()
         options = {"do_sample": False, "num_beams": 1, **self.generate_options}
