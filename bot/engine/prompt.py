@@ -59,16 +59,8 @@ def render_notes(notes: Sequence[Note]) -> str:
     return "Team notes (answers approved by the team's experts):\n" + "\n".join(blocks)
 
 
-def build_messages(
-    request: AnswerRequest,
-    *,
-    system_prompt: str,
-    question: str | None = None,
-) -> list[dict]:
-    """Chat messages for `request`: system (+ team notes), the history turns, the question.
-
-    `question` replaces the request's question (used when it had to be cut to fit).
-    """
+def build_messages(request: AnswerRequest, *, system_prompt: str) -> list[dict]:
+    """Chat messages for `request`: system (+ team notes), the history turns, the question."""
     system = system_prompt.strip()
     if request.notes:
         system = (
@@ -78,8 +70,7 @@ def build_messages(
     for turn in request.history:
         role = "assistant" if turn.role == "assistant" else "user"
         messages.append({"role": role, "content": turn.text})
-    text = request.question if question is None else question
-    messages.append({"role": "user", "content": text.strip()})
+    messages.append({"role": "user", "content": request.question.strip()})
     return messages
 
 
