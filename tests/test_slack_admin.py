@@ -7,6 +7,7 @@ import threading
 import pytest
 from sqlmodel import col, select
 
+from bot.scheduler import PauseState, pause_state, training_paused
 from bot.store import session_scope
 from bot.store.models import AdapterActivation, AdapterVersion, AppState, ChannelSetting, Member
 from tests.test_slack_e2e import (
@@ -79,12 +80,12 @@ def test_channel_auto_answer_on_and_off(slack):
 
 def test_pause_resume_status_and_unavailable_hooks(slack):
     admin(slack, "pause")
-    with session_scope(slack.services.db) as session:
-        assert session.get(AppState, "training_paused").value == "true"
+    assert pause_state(db=slack.services.db) == PauseState(
+        paused=True, actor=ADMIN, since=pause_state(db=slack.services.db).since
+    )
     assert "paused" in admin(slack, "status")
     admin(slack, "resume")
-    with session_scope(slack.services.db) as session:
-        assert session.get(AppState, "training_paused").value == "false"
+    assert not training_paused(db=slack.services.db)
     status = admin(slack, "status")
     assert "base model" in status and "Scheduled training:* on" in status
     assert "not available yet" in admin(slack, "train")

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from bot.scheduler import pause_training, resume_training, training_paused
 from bot.slack.blocks import version_label
 from bot.slack.services import Services
 from bot.store import session_scope
-from bot.store.channels import set_auto_answer, set_training_paused, training_paused
+from bot.store.channels import set_auto_answer
 from bot.store.members import add_member, list_members, remove_member
 from bot.store.models import Role, utcnow
 from bot.store.stats import review_stats
@@ -72,7 +73,7 @@ def run_command(*, services: Services, text: str, user_id: str, channel_id: str)
 def _status(*, services: Services, **_) -> Reply:
     with session_scope(services.db) as session:
         stats = review_stats(session=session, since=utcnow() - timedelta(days=7))
-        paused = training_paused(session=session)
+    paused = training_paused(db=services.db)
     approval = "—" if stats.approval_rate is None else f"{stats.approval_rate:.0%}"
     return Reply(
         f"*Active adapter:* {version_label(services.active_version())}\n"
@@ -149,15 +150,13 @@ def _channel(*, services: Services, args: list[str], user_id: str, channel_id: s
     return Reply(f"In <#{target}> I will only answer @mentions and threads I'm in.")
 
 
-def _pause(*, services: Services, **_) -> Reply:
-    with session_scope(services.db) as session:
-        set_training_paused(session=session, paused=True)
+def _pause(*, services: Services, user_id: str, **_) -> Reply:
+    pause_training(db=services.db, actor=user_id)
     return Reply("Scheduled training is paused. `/apprentice resume` turns it back on.")
 
 
-def _resume(*, services: Services, **_) -> Reply:
-    with session_scope(services.db) as session:
-        set_training_paused(session=session, paused=False)
+def _resume(*, services: Services, user_id: str, **_) -> Reply:
+    resume_training(db=services.db, actor=user_id)
     return Reply("Scheduled training is on again.")
 
 
