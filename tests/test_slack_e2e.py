@@ -363,3 +363,18 @@ def test_thinking_is_streamed_at_most_once_a_second(make_settings, sqlite_url):
         assert 1 <= len(partial) <= 4  # 2.5 s of streaming, at most one update a second
     finally:
         bot.close()
+
+
+def test_channel_kind_comes_from_slack_not_guessed(slack):
+    """app_mention and /ask carry no channel type: a private channel must be stored as private."""
+    emulator = slack.emulator
+    emulator.add_channel("CSECRET", name="secret", is_private=True, members=[USER, "UBOT"])
+    ask_and_wait(slack, channel="CSECRET")
+    emulator.slash_command(user=USER, channel="CSECRET", command="/ask", text="who deploys?")
+    ask_and_wait(slack)  # public #general
+    kinds = sorted((q.channel_id, q.source, q.channel_type) for q in rows(slack, Question))
+    assert kinds == [
+        ("CGENERAL", "mention", "channel"),
+        ("CSECRET", "command", "group"),
+        ("CSECRET", "mention", "group"),
+    ]

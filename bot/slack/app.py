@@ -15,6 +15,7 @@ from slack_sdk.http_retry.builtin_handlers import (
 )
 
 from bot.settings import Settings
+from bot.slack.channel_kinds import ChannelKinds
 from bot.slack.dispatcher import AnswerDispatcher
 from bot.slack.metrics import Metrics
 from bot.slack.people import People
@@ -55,6 +56,8 @@ def register(app: App, settings: Settings | None = None, services: Services | No
         services.metrics = Metrics(queue_depth=services.queue_depth)
     if services.people is None:
         services.people = People(settings=settings, db=services.db, client=app.client)
+    if services.channel_kinds is None:
+        services.channel_kinds = ChannelKinds()
     if services.dispatcher is None:
         services.dispatcher = AnswerDispatcher(
             client=app.client,

@@ -64,6 +64,9 @@ class IncomingQuestion:
 
 def ask(*, services: Services, client: WebClient, question: IncomingQuestion) -> int | None:
     """Store the question, post "thinking…", dispatch; the answer id, or None when skipped."""
+    channel_type = services.channel_kinds.resolve(
+        client=client, channel_id=question.channel_id, hint=question.channel_type
+    )
     try:
         with session_scope(services.db) as session:
             for key in filter(None, (question.event_id, *question.claim_keys)):
@@ -75,7 +78,7 @@ def ask(*, services: Services, client: WebClient, question: IncomingQuestion) ->
                 text=question.text,
                 user_id=question.user_id,
                 channel_id=question.channel_id,
-                channel_type=question.channel_type,
+                channel_type=channel_type,
                 team_id=question.team_id,
                 thread_ts=question.thread_root,
                 message_ts=question.message_ts,

@@ -30,12 +30,13 @@ COMMANDS = {
     ),
 }
 
-# Web API method -> bot scope it needs (None: no scope needed).
+# Web API method -> bot scopes it needs, space-separated (None: no scope needed).
 METHOD_SCOPES: dict[str, str | None] = {
     "auth.test": None,
     "chat.postMessage": "chat:write",
     "chat.update": "chat:write",
     "chat.postEphemeral": "chat:write",
+    "conversations.info": "channels:read groups:read im:read mpim:read",
     "views.open": None,
     "views.publish": None,
     "views.update": None,
@@ -57,7 +58,7 @@ def required_scopes(methods: set[str]) -> set[str]:
 
     Raises KeyError for a method not in `METHOD_SCOPES`, so a new call cannot slip by unmapped.
     """
-    scopes = {METHOD_SCOPES[method] for method in methods} - {None}
+    scopes = {scope for method in methods for scope in (METHOD_SCOPES[method] or "").split()}
     scopes |= {EVENT_SCOPES[event] for event in BOT_EVENTS if event in EVENT_SCOPES}
     if COMMANDS:
         scopes.add(COMMAND_SCOPE)

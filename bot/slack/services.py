@@ -29,6 +29,7 @@ class Services:
     dispatcher: Any = field(default=None, repr=False)
     people: Any = field(default=None, repr=False)
     metrics: Any = field(default=None, repr=False)
+    channel_kinds: Any = field(default=None, repr=False)
 
     def active_version(self) -> str | None:
         """The adapter the bot answers with: the registry's pointer, else the engine's."""

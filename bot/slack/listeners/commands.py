@@ -55,7 +55,7 @@ def register(app: App, services: Services) -> None:
                 text=text,
                 user_id=user,
                 channel_id=channel,
-                channel_type=CHANNEL_TYPES.get(command.get("channel_name", ""), "channel"),
+                channel_type=CHANNEL_TYPES.get(command.get("channel_name", "")),
                 team_id=command.get("team_id"),
                 thread_root=echo["ts"],
                 message_ts=echo["ts"],

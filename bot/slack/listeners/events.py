@@ -38,7 +38,7 @@ def register(app: App, services: Services) -> None:
                 text=text,
                 user_id=event.get("user", ""),
                 channel_id=event["channel"],
-                channel_type=event.get("channel_type", "channel"),
+                channel_type=event.get("channel_type"),  # app_mention has none: resolved later
                 team_id=body.get("team_id"),
                 thread_root=event.get("thread_ts") or event["ts"],
                 message_ts=event["ts"],
