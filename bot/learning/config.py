@@ -1,0 +1,116 @@
+"""How an adapter is trained: one dataclass, saved in every version's `metadata.json`.
+
+Two groups of fields. The LoRA shape (`r`, `lora_alpha`, `lora_dropout`, `target_modules`) is
+FIXED across versions: a hot swap is then a weight load into the same modules, never a model
+rebuild, and `bot.adapter_store.files.validate_adapter_folder` refuses a folder whose shape
+differs. The optimisation fields may change between runs; they are recorded so any version can
+be explained and rebuilt.
+
+Defaults come from measurements on SmolLM2-135M-Instruct (shared/NOTES.md and this module's
+owner's runs): all-linear r=8 at lr 2e-4 learns 10-20 made-up facts in 60-80 steps of batch 4
+and still answers general questions; q/v-only needs twice the steps and forgets more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+# The LoRA shape every version shares (see the module docstring).
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_DROPOUT = 0.05
+LORA_TARGET_MODULES = "all-linear"
+
+
+def _help(text: str, default=MISSING, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainingConfig:
+    # LoRA shape: fixed across versions.
+    r: int = _help("LoRA rank; fixed across versions so a swap is a weight load", LORA_R)
+    lora_alpha: int = _help("LoRA scaling numerator (scale = alpha / r); fixed", LORA_ALPHA)
+    lora_dropout: float = _help("dropout on the LoRA input during training; fixed", LORA_DROPOUT)
+    target_modules: str = _help(
+        "modules that get LoRA weights; 'all-linear' = every linear layer but the LM head; fixed",
+        LORA_TARGET_MODULES,
+    )
+
+    # Optimisation.
+    learning_rate: float = _help("AdamW learning rate (linear decay, no warm-up)", 2e-4)
+    max_steps: int | None = _help(
+        "optimizer steps; None = derived from the data size by `steps_for` "
+        "(epochs_target passes over the data, at least min_steps, at most max_steps_cap)",
+        None,
+    )
+    epochs_target: float = _help(
+        "passes over the training data when max_steps is None; 16 passes of ~20 examples is "
+        "the 80 steps that taught 20 facts in the measurements",
+        16.0,
+    )
+    min_steps: int = _help(
+        "lower bound on derived steps, and no early stop before this step: a small model "
+        "needs ~60 steps before a new fact sticks at all",
+        60,
+    )
+    max_steps_cap: int = _help("upper bound on derived steps (keeps a cycle bounded)", 600)
+    batch_size: int = _help("examples per optimizer step", 4)
+    max_length: int = _help("longest training sequence in tokens (prompt + answer)", 512)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+
+    # Held-out evaluation and early stopping.
+    eval_fraction: float = _help(
+        "share of the examples held out from training for evaluation (split by a stable hash "
+        "of each example, so an example stays on its side as the data grows)",
+        0.2,
+    )
+    min_eval_examples: int = _help(
+        "hold nothing out below this many examples: a 1-example eval set is noise", 5
+    )
+    eval_steps: int = _help("evaluate the held-out loss every this many steps", 10)
+    early_stopping_patience: int = _help(
+        "stop after this many evaluations without a better held-out loss (after min_steps); "
+        "0 = never stop early",
+        3,
+    )
+    early_stopping_threshold: float = _help(
+        "a held-out loss must drop by more than this to count as better", 0.0
+    )
+
+    # Forgetting guard.
+    general_mix: int = _help(
+        "general question/answer pairs mixed into every training set: the base model's own "
+        "answers to the regression questions, so the adapter keeps what the base knew",
+        12,
+    )
+    seed: int = _help("seed for the split, shuffling, LoRA init and dropout", 1234)
+
+    def steps_for(self, n_train: int) -> int:
+        """Optimizer steps for `n_train` training rows (facts + general mix)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        derived = math.ceil(self.epochs_target * max(n_train, 1) / self.batch_size)
+        return max(self.min_steps, min(self.max_steps_cap, derived))
+
+    def lora_shape(self) -> dict:
+        return {
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingConfig:
+        """Rebuild from `to_dict()`; unknown keys (from a newer version) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -1,0 +1,384 @@
+"""Training one LoRA adapter with TRL's SFTTrainer; the result is a folder in PEFT's format.
+
+Choices, and why:
+
+- **The engine's prompt, token for token.** Each example becomes the ids `encode_prompt` gives
+  the answer engine (same chat template, same system prompt, same budget) followed by the
+  answer and the template's end of turn. Rows are pre-tokenised with `labels` = -100 on the
+  prompt, so the loss is on the answer alone and what is learnt is exactly what is asked later.
+- **No copy of the base model.** `train_lora` wraps the given base in a fresh LoRA
+  (`get_peft_model` injects layers in place), trains, saves the adapter and unloads the layers
+  again, even on failure, so the same `LoadedModel` can evaluate and serve afterwards. It must not
+  be a model an `AnswerEngine` is serving from at the same time: the pipeline loads its own base
+  (0.1-0.4 s from the converted cache, ~0.6 GB), and the bot runs training off its serving path.
+- **Early stopping on the held-out loss, with a floor.** Held-out examples are facts the model
+  never sees, so their loss first falls (the answer style is learnt) and later rises (the model
+  commits to its training facts). A small model needs ~60 steps before a new fact sticks at all,
+  so evaluations before `min_steps` are logged but neither count towards patience nor can be the
+  "best" version; after it, `BestAdapterKeeper` keeps the LoRA weights of the best held-out loss
+  (in memory: a few MB) and stops after `early_stopping_patience` evaluations without progress.
+  It is transformers' `EarlyStoppingCallback` + `load_best_model_at_end` without checkpoint
+  files, plus the floor.
+- **Forgetting guard.** General question/answer pairs (the base model's own answers, see
+  `bot.learning.regression`) are mixed into the training rows.
+- CPU: `bf16=False, use_cpu=True`, no activation checkpointing (twice as fast, shared/NOTES.md).
+  No `report_to`; a tqdm bar shows steps and losses; `loss.png` lands beside the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.engine.loading import LoadedModel
+from bot.engine.prompt import build_messages, encode_prompt
+from bot.engine.types import AnswerRequest
+from bot.learning.config import TrainingConfig
+from bot.learning.examples import Example
+from bot.settings import DEFAULT_SYSTEM_PROMPT
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class TrainingError(RuntimeError):
+    """Training could not run; the message says why and what to do."""
+
+
+@dataclass
+class TrainOutput:
+    adapter_dir: Path
+    loss_history: list[dict]  # {"step", "loss"} and {"step", "eval_loss"} rows, in order
+    best_eval_loss: float | None  # None without a held-out set
+    steps: int  # optimizer steps actually run
+    seconds: float
+    best_step: int | None = None  # the step whose weights were kept
+    initial_eval_loss: float | None = None  # held-out loss before training (= the base model)
+    stopped_early: bool = False
+    train_rows: int = 0  # facts + general examples
+    planned_steps: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+# dataset
+
+
+def completion_text(tokenizer, messages: list[dict], answer: str) -> str:
+    """The answer as the chat template renders an assistant turn after the prompt (with its
+    end-of-turn marker), so training teaches the model where to stop."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    if full.startswith(prompt) and len(full) > len(prompt):
+        return full[len(prompt) :]
+    return answer + (tokenizer.eos_token or "")  # a template that rewrites earlier turns
+
+
+def build_training_rows(
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    system_prompt: str,
+    max_input_tokens: int,
+    max_length: int,
+) -> list[dict]:
+    """`{"input_ids", "labels"}` rows: the engine's prompt ids, then the answer (the only part
+    with labels). Answers that would not fit `max_length` are cut, never the prompt."""
+    rows = []
+    for example in examples:
+        request = AnswerRequest(question=example.question)
+        prompt_ids = encode_prompt(
+            tokenizer, request, system_prompt=system_prompt, max_input_tokens=max_input_tokens
+        ).input_ids
+        messages = build_messages(request, system_prompt=system_prompt)
+        answer = completion_text(tokenizer, messages, example.answer.strip())
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            log.warning("skipping an example whose prompt alone exceeds %d tokens", max_length)
+            continue
+        answer_ids = answer_ids[:room]
+        rows.append(
+            {
+                "input_ids": list(prompt_ids) + list(answer_ids),
+                "labels": [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids),
+            }
+        )
+    return rows
+
+
+# callbacks
+
+
+def _callbacks():
+    """Built lazily: transformers is heavy and only the training side needs it."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class ProgressBar(TrainerCallback):
+        """One tqdm bar: steps, with the latest training and held-out loss."""
+
+        def __init__(self, enabled: bool):
+            self.enabled = enabled
+            self.bar = None
+            self.postfix: dict[str, str] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.enabled:
+                self.bar = tqdm(total=state.max_steps, desc="training", unit="step")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                for key, label in (("loss", "loss"), ("eval_loss", "eval")):
+                    if key in logs:
+                        self.postfix[label] = f"{logs[key]:.3f}"
+                self.bar.set_postfix(self.postfix, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    class BestAdapterKeeper(TrainerCallback):
+        """Early stopping on the held-out loss after `min_steps`, keeping the best weights."""
+
+        def __init__(self, *, model, min_steps: int, patience: int, threshold: float):
+            self.model = model
+            self.min_steps = min_steps
+            self.patience = patience
+            self.threshold = threshold
+            self.best_loss: float | None = None
+            self.best_step: int | None = None
+            self.best_state: dict | None = None
+            self.misses = 0
+            self.stopped_early = False
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or state.global_step < self.min_steps or not math.isfinite(loss):
+                return
+            if self.best_loss is None or loss < self.best_loss - self.threshold:
+                self.best_loss, self.best_step, self.misses = loss, state.global_step, 0
+                self.best_state = _lora_state(self.model)
+                return
+            self.misses += 1
+            if self.patience and self.misses >= self.patience:
+                self.stopped_early = True
+                control.should_training_stop = True
+
+        def restore_best(self) -> None:
+            if self.best_state is not None:
+                self.model.load_state_dict(self.best_state, strict=False)
+
+    return ProgressBar, BestAdapterKeeper
+
+
+def _lora_state(model) -> dict:
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in model.state_dict().items()
+        if "lora_" in name
+    }
+
+
+# training
+
+
+def train_lora(
+    *,
+    loaded: LoadedModel,
+    train: list[Example],
+    held_out: list[Example],
+    config: TrainingConfig,
+    out_dir: Path,
+    progress: bool = True,
+    general: Sequence[Example] = (),
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    max_input_tokens: int = 1024,
+) -> TrainOutput:
+    """Train a LoRA adapter for `loaded` on `train` (+ up to `config.general_mix` of `general`),
+    early-stopping on `held_out`; save it to `out_dir` (PEFT format) with `loss.png`.
+
+    `loaded.model` is left as it was (the LoRA layers are unloaded afterwards); see the module
+    docstring for why it must not be serving at the same time.
+    """
+    import torch
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+    from peft import LoraConfig, get_peft_model
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    if not train:
+        raise TrainingError("no training examples: add question/answer pairs first")
+    started = time.perf_counter()
+    disable_progress_bar()  # datasets' per-map bars ("Truncating…") are noise here
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = loaded.tokenizer
+
+    mixed = list(train) + list(general)[: config.general_mix]
+    random.Random(config.seed).shuffle(mixed)
+    row_options = dict(
+        system_prompt=system_prompt, max_input_tokens=max_input_tokens, max_length=config.max_length
+    )
+    train_rows = build_training_rows(tokenizer, mixed, **row_options)
+    eval_rows = build_training_rows(tokenizer, held_out, **row_options)
+    if not train_rows:
+        raise TrainingError(
+            f"every training prompt is longer than max_length={config.max_length} tokens"
+        )
+    steps = config.steps_for(len(train_rows))
+    on_cuda = getattr(loaded.device, "type", "cpu") == "cuda"
+    bf16 = on_cuda and loaded.dtype == torch.bfloat16
+
+    set_seed(config.seed)  # LoRA's A matrices are drawn at wrap time
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    base = loaded.model
+    use_cache = getattr(base.config, "use_cache", None)
+    model = get_peft_model(base, lora)
+    work_dir = Path(tempfile.mkdtemp(prefix="trainer-", dir=out_dir.parent))
+    ProgressBar, BestAdapterKeeper = _callbacks()
+    keeper = BestAdapterKeeper(
+        model=model,
+        min_steps=min(config.min_steps, steps),
+        patience=config.early_stopping_patience,
+        threshold=config.early_stopping_threshold,
+    )
+    try:
+        args = SFTConfig(
+            output_dir=str(work_dir),
+            max_steps=steps,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=max(config.batch_size, 8),
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=config.weight_decay,
+            logging_steps=1,
+            eval_strategy="steps" if eval_rows else "no",
+            eval_steps=config.eval_steps,
+            save_strategy="no",
+            report_to="none",
+            bf16=bf16,
+            fp16=False,
+            use_cpu=not on_cuda,
+            activation_checkpointing=False,  # formerly gradient_checkpointing
+            seed=config.seed,
+            data_seed=config.seed,
+            max_length=config.max_length,
+            dataset_num_proc=None,
+            dataloader_num_workers=0,
+            disable_tqdm=True,  # our own bar: the default one prints every log dict
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            callbacks=[ProgressBar(progress), keeper],
+        )
+        for noisy in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(noisy)
+        initial_eval = None
+        if eval_rows:
+            initial_eval = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        final_eval = None
+        if eval_rows and trainer.state.global_step % config.eval_steps:
+            final_eval = trainer.evaluate()["eval_loss"]  # the last steps count too
+        keeper.restore_best()
+        history = _loss_history(trainer.state.log_history, initial_eval)
+        model.save_pretrained(str(out_dir))
+        (out_dir / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
+        best_eval, best_step = keeper.best_loss, keeper.best_step
+        if eval_rows and best_eval is None:  # every evaluation fell before min_steps
+            best_eval = final_eval if final_eval is not None else _last_eval(history)
+            best_step = trainer.state.global_step
+        output = TrainOutput(
+            adapter_dir=out_dir,
+            loss_history=history,
+            best_eval_loss=best_eval,
+            steps=trainer.state.global_step,
+            seconds=time.perf_counter() - started,
+            best_step=best_step if eval_rows else trainer.state.global_step,
+            initial_eval_loss=initial_eval,
+            stopped_early=keeper.stopped_early,
+            train_rows=len(train_rows),
+            planned_steps=steps,
+        )
+    finally:
+        model.unload()  # puts the original linear layers back into `base`
+        if hasattr(base, "peft_config"):
+            del base.peft_config
+        if use_cache is not None:
+            base.config.use_cache = use_cache
+        base.eval()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    plot_losses(output.loss_history, out_dir / "loss.png", best_step=output.best_step)
+    return output
+
+
+def _loss_history(log_history: list[dict], initial_eval: float | None) -> list[dict]:
+    rows = [] if initial_eval is None else [{"step": 0, "eval_loss": initial_eval}]
+    seen_eval_steps = set()
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry:
+            rows.append({"step": step, "loss": float(entry["loss"])})
+        if "eval_loss" in entry and step and step not in seen_eval_steps:
+            seen_eval_steps.add(step)
+            rows.append({"step": step, "eval_loss": float(entry["eval_loss"])})
+    return rows
+
+
+def _last_eval(history: list[dict]) -> float | None:
+    evals = [row["eval_loss"] for row in history if "eval_loss" in row]
+    return evals[-1] if evals else None
+
+
+def plot_losses(history: list[dict], path: Path, *, best_step: int | None = None) -> Path:
+    """Training and held-out loss against steps, as a PNG (matplotlib's Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    axes = figure.subplots()
+    for key, label in (("loss", "training loss"), ("eval_loss", "held-out loss")):
+        points = [(row["step"], row[key]) for row in history if key in row]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, label=label, marker="o" if key == "eval_loss" else None)
+    if best_step is not None:
+        axes.axvline(best_step, color="grey", linestyle=":", label=f"kept (step {best_step})")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("LoRA training")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return Path(path)
