@@ -48,7 +48,8 @@ def _open_registry(settings):
         db = open_database(settings.database_url)
     except Exception as exc:
         fail(
-            f"cannot open the database {settings.database_url}: {exc}; check APPRENTICE_DATABASE_URL"
+            f"cannot open the database {settings.database_url}: {exc}; "
+            "check APPRENTICE_DATABASE_URL"
         )
     return db, AdapterRegistry(db=db, root=settings.adapters_dir)
 
