@@ -78,6 +78,9 @@ class Answer(SQLModel, table=True):
     state: str = Field(default="done", max_length=16, description="pending | done | failed")
     error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow, index=True)
+    # Team knowledge the answer used (retrieved notes, or the approved answer it repeated),
+    # as `bot.slack.citing` writes it; None = none.
+    sources: list | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class Verdict(SQLModel, table=True):
