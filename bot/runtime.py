@@ -46,7 +46,38 @@ def build_services(settings: Settings) -> Services:
         registry=registry,
         run_training=_training_hook(settings, db),
         export_dataset=_export_hook(settings, db),
+        knowledge=build_knowledge(settings, db=db),
     )
+
+
+def build_knowledge(settings: Settings, *, db):
+    """The knowledge base the answers retrieve from, loaded and filled; None when turned off.
+
+    Filled here rather than on the first question so the first asker does not pay for embedding
+    every approved answer. A missing embedding model turns retrieval off with a warning instead
+    of keeping the bot from starting.
+    """
+    if not settings.retrieval_enabled:
+        log.info(
+            "retrieval is off (APPRENTICE_RETRIEVAL_ENABLED=false): answers use the model alone"
+        )
+        return None
+    from bot.knowledge import EmbedderUnavailable, KnowledgeBase, load_embedder
+
+    try:
+        embedder = load_embedder()
+    except EmbedderUnavailable as exc:
+        log.warning("retrieval is off: %s", exc)
+        return None
+    knowledge = KnowledgeBase(
+        db=db,
+        embedder=embedder,
+        threshold=settings.retrieval_threshold,
+        exact_threshold=settings.retrieval_exact_threshold,
+    )
+    report = knowledge.refresh()
+    log.info("knowledge base: %d approved answers (%.1f s)", report.entries, report.seconds)
+    return knowledge
 
 
 def _training_hook(settings: Settings, db):

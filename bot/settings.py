@@ -83,6 +83,21 @@ class Settings(BaseSettings):
     )
     train_check_s: float = Field(default=60.0, gt=0, description="verdict-count check interval")
 
+    # Retrieval: approved and corrected answers help the next asker at once (bot.knowledge)
+    retrieval_enabled: bool = Field(
+        default=True, description="use and cite approved answers in prompts; off = the model alone"
+    )
+    retrieval_threshold: float = Field(
+        default=0.6, ge=-1, le=1, description="question similarity (cosine) to use a team note"
+    )
+    retrieval_exact_threshold: float = Field(
+        default=0.98,
+        ge=-1,
+        le=1,
+        description="similarity to answer with the approved text directly, without the model",
+    )
+    retrieval_k: int = Field(default=3, ge=1, le=10, description="team notes per answer, at most")
+
     @field_validator("admins", "experts", mode="before")
     @classmethod
     def _split_ids(cls, value):

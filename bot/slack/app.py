@@ -65,6 +65,8 @@ def register(app: App, settings: Settings | None = None, services: Services | No
             engine=services.engine,
             metrics=services.metrics,
             timeout_s=settings.answer_timeout_s,
+            knowledge=services.knowledge,
+            retrieval_k=settings.retrieval_k,
         )
     register_all(app, services)
     return app

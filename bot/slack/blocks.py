@@ -32,6 +32,8 @@ CORRECTION_BLOCK, CORRECTION_INPUT = "correction", "correction_text"
 REASON_BLOCK, REASON_INPUT = "reason", "reason_text"
 
 THINKING_TEXT = "thinking…"
+APPROVED_TEXT_LABEL = "approved text, not generated"
+CITATION_LIMIT = 10  # elements in one context block
 TRUNCATED_NOTE = "(answer cut to fit Slack's message limit)"
 
 
@@ -50,6 +52,10 @@ class AnswerCard:
     thumbs_up: int = 0
     thumbs_down: int = 0
     notes_used: int = 0
+    # team knowledge (mrkdwn citations from `bot.slack.citing`): the notes the model was given,
+    # or the approved answer repeated verbatim instead of generating
+    citations: tuple[str, ...] = ()
+    answered_from: str | None = None
 
 
 def version_label(version: str | None) -> str:
@@ -119,12 +125,17 @@ def fallback_text(text: str) -> str:
 def answer_blocks(card: AnswerCard) -> list[dict]:
     """A finished answer: text, provenance line, review status, and the buttons."""
     value = str(card.answer_id)
-    context = [f"{version_label(card.adapter_version)}"]
+    # an approved answer repeated verbatim was not generated: no model version to name
+    context = [APPROVED_TEXT_LABEL if card.answered_from else version_label(card.adapter_version)]
     if card.latency_ms is not None:
         context.append(f"{card.latency_ms / 1000:.1f} s")
-    if card.notes_used:
+    if card.notes_used and not card.citations:
         context.append(f"{card.notes_used} team note(s) used")
     trailer = [_context(" · ".join(context))]
+    if card.answered_from:
+        trailer.append(_context(f"✅ Answered {card.answered_from}"[:3000]))
+    if card.citations:
+        trailer.append(_context(*[f"📚 {line}"[:3000] for line in card.citations[:CITATION_LIMIT]]))
     if card.truncated_input:
         trailer.append(
             _context(

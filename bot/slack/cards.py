@@ -1,8 +1,9 @@
 """An answer message's content, rebuilt from the database after every verdict.
 
-The message is a view of the rows: the correction (if any) replaces the text, and the current
-verdicts give the status line. Rebuilding from rows means two experts clicking at once still
-leave the message matching what is stored.
+The message is a view of the rows: the correction (if any) replaces the text, the current
+verdicts give the status line, and the team knowledge it cited is stored with the answer.
+Rebuilding from rows means two experts clicking at once still leave the message matching what
+is stored.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from bot.slack.blocks import AnswerCard
+from bot.slack.citing import answered_from, cited
 from bot.store.models import Answer, VerdictKind
 from bot.store.verdicts import current_verdicts
 
@@ -29,6 +31,8 @@ def answer_card(*, session: Session, answer: Answer) -> AnswerCard:
         rejected_by=tuple((v.author_id, v.text) for v in verdicts if v.kind == VerdictKind.REJECT),
         thumbs_up=sum(v.kind == VerdictKind.UP for v in verdicts),
         thumbs_down=sum(v.kind == VerdictKind.DOWN for v in verdicts),
+        citations=cited(answer.sources),
+        answered_from=answered_from(answer.sources),
     )
 
 

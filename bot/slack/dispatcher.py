@@ -10,6 +10,14 @@ own small pool: they never do I/O on the engine's worker thread.
 
 The final answer is committed to the database before the message shows it, and a failure is
 stored and shown too ("never leave a thinking… hanging").
+
+Retrieval happens here too, on the dispatcher's pool, never in a listener: before submitting, the
+knowledge base is refreshed (one aggregate query when no verdict changed) and searched with the
+asker's channel, so an expert's verdict helps the very next question. Hits go into the request as
+team notes and are cited under the answer (only those the engine kept in the prompt). An exact
+repeat of an approved question is answered with the approved text, without the model; not in a
+thread with earlier turns, where the same words may mean something else. A failing search is
+logged and the question answered without notes: retrieval may help an answer, never block it.
 """
 
 from __future__ import annotations
@@ -18,14 +26,23 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from sqlalchemy import Engine
 
-from bot.engine.types import AnswerRequest, AnswerResult, EngineError, EngineStopped, EngineTimeout
-from bot.slack import blocks
+from bot.engine.types import (
+    AnswerRequest,
+    AnswerResult,
+    EngineError,
+    EngineStopped,
+    EngineTimeout,
+    Timings,
+)
+from bot.knowledge import as_notes
+from bot.slack import blocks, citing
 from bot.slack.metrics import Metrics
 from bot.store import session_scope
 from bot.store.questions import fail_answer, finish_answer
@@ -47,6 +64,8 @@ class AnswerJob:
     updating: bool = False
     finished: bool = False
     future: Future | None = None
+    hits: tuple = ()  # bot.knowledge.Hit: the team notes put into the request
+    exact: Any = None  # bot.knowledge.KnowledgeEntry answered with verbatim, no model
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -77,11 +96,16 @@ class AnswerDispatcher:
         workers: int = 4,
         update_interval_s: float = 1.0,
         timeout_s: float = 180.0,
+        knowledge=None,
+        retrieval_k: int = 3,
     ) -> None:
         self.client = client
         self.db = db
         self.engine = engine
         self.metrics = metrics
+        self.knowledge = knowledge  # bot.knowledge.KnowledgeBase, or None: no retrieval
+        self.retrieval_k = retrieval_k
+        self.permalinks = citing.Permalinks(client=client)
         self.update_interval_s = update_interval_s
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="answer-dispatch")
@@ -134,12 +158,50 @@ class AnswerDispatcher:
         def on_partial(text: str) -> None:
             job.partial = text  # the ticker pushes it; never do I/O on the engine thread
 
+        if self.knowledge is not None:
+            self._retrieve(job)
+            if job.finished:  # timed out while retrieving: the asker was already told
+                return
+            if job.exact is not None:  # the approved text itself, no model involved
+                verbatim = AnswerResult(
+                    text=job.exact.answer, adapter_version=None, timings=Timings(0, 0, 0, 0, 0)
+                )
+                self._finish(job, result=verbatim)
+                return
         try:
             job.future = self.engine.submit(job.request, on_partial=on_partial)
         except Exception as exc:  # a refused request: fail it visibly
             self._finish(job, error=exc)
             return
         job.future.add_done_callback(lambda future: self._submit(self._finish_future, job))
+
+    def _retrieve(self, job: AnswerJob) -> None:
+        """Find the approved answers this question may use; fills `job.exact` or the notes."""
+        question = job.request.question
+        try:
+            self.knowledge.refresh()
+            if not job.request.history:
+                job.exact = self.knowledge.exact_match(question, channel_id=job.channel)
+                if job.exact is not None:
+                    return
+            hits = self.knowledge.search(question, channel_id=job.channel, k=self.retrieval_k)
+        except Exception:
+            log.warning(
+                "retrieval failed for answer %s; answering without it", job.answer_id, exc_info=True
+            )
+            return
+        if hits:
+            job.hits = tuple(hits)
+            job.request = replace(job.request, notes=as_notes(hits))
+
+    def _sources(self, job: AnswerJob, result: AnswerResult) -> list[dict]:
+        if job.exact is not None:
+            entry = job.exact
+            return [
+                citing.source(entry=entry, permalink=self.permalinks.of_entry(entry), exact=True)
+            ]
+        used = citing.used_hits(job.hits, result.notes_used)
+        return citing.note_sources(hits=used, permalinks=self.permalinks)
 
     def _finish_future(self, job: AnswerJob) -> None:
         future = job.future
@@ -185,8 +247,9 @@ class AnswerDispatcher:
                 self.metrics.answers.labels(state="failed").inc()
             self._update(job, text=message, blocks=blocks.error_blocks(message))
             return
+        sources = self._sources(job, result)
         with session_scope(self.db) as session:
-            finish_answer(
+            answer = finish_answer(
                 session=session,
                 answer_id=job.answer_id,
                 text=result.text,
@@ -194,6 +257,7 @@ class AnswerDispatcher:
                 latency_ms=latency_ms,
                 truncated=result.truncated_input,
             )
+            answer.sources = sources or None
         if self.metrics:
             self.metrics.answers.labels(state="done").inc()
             self.metrics.answer_latency.observe(latency_ms / 1000)
@@ -204,6 +268,8 @@ class AnswerDispatcher:
             latency_ms=latency_ms,
             truncated_input=result.truncated_input,
             notes_used=len(result.notes_used),
+            citations=citing.cited(sources),
+            answered_from=citing.answered_from(sources),
         )
         self._update(job, text=blocks.fallback_text(result.text), blocks=blocks.answer_blocks(card))
 

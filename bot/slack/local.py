@@ -24,9 +24,19 @@ class LocalSlack:
 
     @classmethod
     def start(
-        cls, settings: Settings, *, engine=None, emulator_options: dict | None = None, **hooks
+        cls,
+        settings: Settings,
+        *,
+        engine=None,
+        retrieval: bool = False,
+        emulator_options: dict | None = None,
+        **hooks,
     ) -> LocalSlack:
-        """Start the emulator, the engine (unless given), the app and its HTTP server."""
+        """Start the emulator, the engine (unless given), the app and its HTTP server.
+
+        Retrieval is off unless `retrieval=True` (a knowledge base built from the settings, as
+        `apprentice run` builds it) or a `knowledge=` base is passed in `hooks`.
+        """
         from bot.emulator import SlackEmulator
         from bot.slack.app import create_app
         from bot.store import open_database
@@ -42,9 +52,12 @@ class LocalSlack:
             from bot.engine.worker import AnswerEngine
 
             engine = AnswerEngine.from_settings(settings).start()
-        services = Services(
-            settings=settings, db=open_database(settings.database_url), engine=engine, **hooks
-        )
+        db = open_database(settings.database_url)
+        if retrieval and hooks.get("knowledge") is None:
+            from bot.runtime import build_knowledge
+
+            hooks["knowledge"] = build_knowledge(settings, db=db)
+        services = Services(settings=settings, db=db, engine=engine, **hooks)
         app = create_app(settings, services)
         server = serve(create_wsgi_app(app, services), host="127.0.0.1", port=0)
         emulator.events_url = f"{server.url}/slack/events"

@@ -36,6 +36,7 @@ METHOD_SCOPES: dict[str, str | None] = {
     "chat.postMessage": "chat:write",
     "chat.update": "chat:write",
     "chat.postEphemeral": "chat:write",
+    "chat.getPermalink": None,  # citations link to the thread an expert judged
     "conversations.info": "channels:read groups:read im:read mpim:read",
     "views.open": None,
     "views.publish": None,

@@ -3,7 +3,9 @@
 `engine` is anything with `submit(request, on_partial=...) -> Future[AnswerResult]` and
 `active_version` (the real one is `bot.engine.worker.AnswerEngine`; the Slack side never imports
 it). `run_training(trigger, actor)` and `export_dataset()` are hooks the learning side provides;
-while they are None the admin commands say so instead of pretending.
+while they are None the admin commands say so instead of pretending. `knowledge` is the
+`bot.knowledge.KnowledgeBase` the dispatcher searches before each answer; None turns retrieval off
+and everything else works as before.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Services:
     registry: Any = None  # bot.adapter_store.registry.AdapterRegistry
     run_training: Callable[..., Any] | None = None
     export_dataset: Callable[[], Any] | None = None
+    knowledge: Any = None  # bot.knowledge.KnowledgeBase; None = retrieval off
     # built by `bot.slack.app.register` (they need the app's WebClient)
     dispatcher: Any = field(default=None, repr=False)
     people: Any = field(default=None, repr=False)
