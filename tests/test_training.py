@@ -286,14 +286,50 @@ def test_train_lora_saves_an_adapter_and_leaves_the_base_model_as_it_was(tiny_lo
     assert [row["step"] for row in out.loss_history if "loss" in row] == list(range(1, 7))
     evals = [row for row in out.loss_history if "eval_loss" in row]
     assert [row["step"] for row in evals] == [0, 2, 4, 6]
-    assert out.best_eval_loss == min(row["eval_loss"] for row in evals[1:])
     assert out.initial_eval_loss == evals[0]["eval_loss"]
-    assert out.best_step in (2, 4, 6)
+    kept = next(row for row in evals if row["step"] == out.best_step)
+    assert out.best_eval_loss == kept["eval_loss"]
+    assert kept["eval_loss"] <= min(row["eval_loss"] for row in evals) * 1.3
     # the base model is untouched: no LoRA layers, same outputs, eval mode
     assert not any("lora" in name for name, _ in tiny_loaded.model.named_modules())
     assert not tiny_loaded.model.training
     with torch.no_grad():
         assert torch.equal(tiny_loaded.model(probe).logits, before)
+
+
+def test_early_stopping_keeps_the_last_acceptable_weights(tiny_loaded):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerControl, TrainerState
+
+    from bot.learning.pipeline import remove_lora_layers
+    from bot.learning.trainer import _callbacks
+
+    _, keeper_class = _callbacks()
+    model = get_peft_model(tiny_loaded.model, LoraConfig(r=8, target_modules="all-linear"))
+    try:
+        keeper = keeper_class(model=model, min_steps=20, patience=2, tolerance=0.3)
+        state, control = TrainerState(), TrainerControl()
+        lora = next(p for n, p in model.named_parameters() if "lora_B" in n)
+
+        def evaluate(step, loss):
+            state.global_step = step
+            with torch.no_grad():
+                lora.fill_(step)  # weights that tell the steps apart
+            keeper.on_evaluate(None, state, control, metrics={"eval_loss": loss})
+
+        evaluate(10, 1.0)  # before min_steps: only sets the reference
+        evaluate(20, 1.2)  # within 30 % of the lowest: kept
+        evaluate(30, 1.25)  # still fine: kept (the facts are being learnt)
+        assert (keeper.kept_step, control.should_training_stop) == (30, False)
+        evaluate(40, 1.5)  # too far above: a miss
+        assert not control.should_training_stop
+        evaluate(50, 2.0)  # a second miss in a row: stop
+        assert control.should_training_stop and keeper.stopped_early
+        keeper.restore()
+        assert torch.all(lora == 30)
+    finally:
+        remove_lora_layers(tiny_loaded.model)
 
 
 def test_train_lora_refuses_empty_training_data(tiny_loaded, tmp_path):

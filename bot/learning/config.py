@@ -71,12 +71,16 @@ class TrainingConfig:
     )
     eval_steps: int = _help("evaluate the held-out loss every this many steps", 10)
     early_stopping_patience: int = _help(
-        "stop after this many evaluations without a better held-out loss (after min_steps); "
-        "0 = never stop early",
-        3,
+        "stop after this many evaluations in a row (after min_steps) whose held-out loss is "
+        "more than early_stopping_tolerance above the best so far; 0 = never stop early",
+        2,
     )
-    early_stopping_threshold: float = _help(
-        "a held-out loss must drop by more than this to count as better", 0.0
+    early_stopping_tolerance: float = _help(
+        "relative rise of the held-out loss over its best that still counts as fine. Held-out "
+        "facts are unrelated to the trained ones, so their loss drifts up a little while the "
+        "training facts are learnt (+17 % by step 100 on SmolLM2-135M); real overfitting or "
+        "divergence goes well past that",
+        0.3,
     )
 
     # Forgetting guard.
