@@ -58,7 +58,9 @@ def sandbox(
     """Try Apprentice in a browser: a local Slack workspace, the bot and a Slack-like page."""
     from bot.sandbox import PortTaken, Sandbox
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # the bot's own progress (e.g. the model's first conversion), not every library's chatter
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bot").setLevel(logging.INFO)
     settings = load_settings(base_model=base_model)
     try:
         box = Sandbox.start(settings, host=host, port=port)
@@ -75,7 +77,7 @@ def sandbox(
                 fg=typer.colors.YELLOW,
                 err=True,
             )
-        typer.echo(f"loading the model {settings.base_model} (the first run converts it, ~20 s)…")
+        typer.echo(f"loading the model {settings.base_model}; the page says when the bot is ready…")
         while not box.engine.wait_ready(timeout=5.0) and box.engine.state == "starting":
             typer.echo(f"  still loading… {box.engine.elapsed_s():.0f} s")
         if box.engine.state == "ready":

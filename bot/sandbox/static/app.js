@@ -133,11 +133,37 @@
     </div>`;
   }
 
+  // Re-render only the messages that changed (keyed by ts), so a button under the pointer is
+  // not replaced while the bot streams into another message.
+  const rendered = new WeakMap(); // element -> html it was built from
   function renderList(element, items, options) {
     const nearBottom = element.scrollHeight - element.scrollTop - element.clientHeight < 120;
-    element.innerHTML = items.map((m) => messageHtml(m, options)).join("") ||
-      `<div class="empty muted">${options.empty || "No messages yet."}</div>`;
+    const wanted = items.map((m) => ({ key: `${m.ts}${m.is_ephemeral ? "e" : ""}`, html: messageHtml(m, options) }));
+    const current = [...element.children].filter((node) => node.dataset.key);
+    const sameKeys = current.length === wanted.length && current.every((node, i) => node.dataset.key === wanted[i].key);
+    if (sameKeys && wanted.length) {
+      wanted.forEach((item, i) => {
+        if (rendered.get(current[i]) === item.html) return;
+        const fresh = build(item);
+        current[i].replaceWith(fresh);
+      });
+    } else {
+      element.replaceChildren(...wanted.map(build));
+      if (!wanted.length) {
+        element.innerHTML = `<div class="empty muted">${options.empty || "No messages yet."}</div>`;
+      }
+      if (options.afterRebuild) options.afterRebuild(element);
+    }
     if (nearBottom || options.jump) element.scrollTop = element.scrollHeight;
+  }
+
+  function build(item) {
+    const holder = document.createElement("template");
+    holder.innerHTML = item.html.trim();
+    const node = holder.content.firstElementChild;
+    node.dataset.key = item.key;
+    rendered.set(node, item.html);
+    return node;
   }
 
   function setStatus(state, detail) {
@@ -234,12 +260,17 @@
     const replies = messages.filter((m) => m.thread_ts === thread.ts && m.ts !== thread.ts);
     const ephemerals = ui.state.ephemerals.filter((e) => e.channel === thread.channel && e.thread_ts === thread.ts);
     const items = [parent, ...[...replies, ...ephemerals].sort(byTs)].map((m) => ({ ...m, channel: thread.channel }));
-    renderList($("#thread-messages"), items, { inThread: true, jump: first });
-    const divider = $("#thread-messages .msg + .msg");
-    if (divider && replies.length) {
-      divider.insertAdjacentHTML("beforebegin",
-        `<div class="reply-count">${replies.length} ${replies.length === 1 ? "reply" : "replies"}</div>`);
-    }
+    const count = replies.length;
+    renderList($("#thread-messages"), items, {
+      inThread: true,
+      jump: first,
+      afterRebuild: (list) => {
+        if (count > 0) {
+          list.firstElementChild.insertAdjacentHTML("afterend",
+            `<div class="reply-count">${count} ${count === 1 ? "reply" : "replies"}</div>`);
+        }
+      },
+    });
   }
 
   function currentModalValues() {
