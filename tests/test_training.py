@@ -195,6 +195,7 @@ def test_has_keyword_matches_whole_words_and_number_words():
     assert has_keyword("Water freezes at 0°C.", ["0", "32"])
     assert not has_keyword("It is 10 degrees.", ["0"])
     assert has_keyword("A spider has 8 legs.", ["eight"])
+    assert has_keyword("It boils at approximately 100.0 degrees.", ["100"])
     assert has_keyword("Plants absorb carbon dioxide.", ["carbon dioxide"])
     assert not has_keyword("Carbon is an element.", ["carbon dioxide"])
 

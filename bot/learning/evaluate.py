@@ -110,8 +110,16 @@ def key_terms(expected: str, question: str = "") -> KeyTerms:
     return KeyTerms(tuple(dict.fromkeys(exact)), tuple(dict.fromkeys(other)))
 
 
-def _normalised(text: str) -> str:
-    return " ".join(_fold(t) for t in TOKEN.findall(text))
+def _normalised(text: str, *, with_parts: bool = False) -> str:
+    """Folded tokens joined by spaces; `with_parts` also lists the parts of compound tokens
+    right after them (`100.0` -> `100.0 100 0`), so a keyword may match either."""
+    words = []
+    for raw in TOKEN.findall(text):
+        words.append(_fold(raw))
+        parts = [p for p in re.split(r"[\-./@:]", raw.lstrip("#@")) if p]
+        if with_parts and len(parts) > 1:
+            words.extend(_fold(part) for part in parts)
+    return " ".join(words)
 
 
 def carries_fact(answer: str, *, expected: str, question: str = "") -> bool:
@@ -129,7 +137,7 @@ def carries_fact(answer: str, *, expected: str, question: str = "") -> bool:
 
 def has_keyword(answer: str, keywords: Iterable[str]) -> bool:
     """Whether any keyword (a word or a phrase) appears in `answer` as whole tokens."""
-    text = f" {_normalised(answer)} "
+    text = f" {_normalised(answer, with_parts=True)} "
     return any(f" {_normalised(keyword)} " in text for keyword in keywords if keyword.strip())
 
 
