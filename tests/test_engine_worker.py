@@ -88,7 +88,8 @@ def test_the_perturbed_tiny_model_gives_distinct_answers(engine):
 
 
 def test_eight_questions_at_once_share_one_batch_and_equal_single_answers(loaded):
-    with make_engine(loaded) as engine:
+    # nine rows: the blocker keeps decoding while the eight join it (continuous batching)
+    with make_engine(loaded, batch_size=9) as engine:
         singles = texts(engine)
         before = engine.stats()["batches"]
         gate = Gate()  # keep the worker busy so that all eight are waiting when it looks
@@ -112,7 +113,7 @@ def test_eight_questions_at_once_share_one_batch_and_equal_single_answers(loaded
         batched = [future.result(timeout=WAIT) for future in futures]
         stats = engine.stats()
     assert [result.text for result in batched] == singles
-    assert stats["batches"] - before == 2  # the blocker, then all eight together
+    assert stats["batches"] - before == 2  # the blocker, then all eight admitted together
     assert stats["answered"] == 2 * len(QUESTIONS) + 1
 
 

@@ -3,20 +3,28 @@
 Why one worker: a model is not safe to call from several threads, and a small model on a CPU
 earns most of its throughput from batching (one decoding step for eight rows costs little more
 than for one). So callers only enqueue: `submit` returns a `Future` at once (Bolt listeners must
-ack within milliseconds) and the worker takes everything waiting, up to `batch_size`, left-pads
-it and runs one greedy `generate`. Greedy decoding keeps batched answers equal to single ones.
+ack within milliseconds).
+
+Continuous batching: the worker runs its own greedy decode loop (`bot.engine.decoding`) instead
+of `model.generate`. Between two decoding steps it admits whatever is waiting (up to
+`batch_size` rows in all): the newcomers are prefilled together and join the rows already
+decoding, and rows that finished leave at once. A question that arrives mid-answer starts at the
+next step instead of waiting for the whole batch. Greedy decoding keeps every answer equal to
+the one it gets alone.
+
+Adapters are merged into the base weights (`bot.engine.merging`): serving with an adapter costs
+no more per token than the base model. Swaps go through the same queue, in order. When a swap
+reaches the head of the queue the worker stops admitting, lets the running rows finish (drain),
+then unmerges the old adapter and merges the new one: an answer in flight always finishes on
+the version it started with, and a question asked after a swap was requested is answered by the
+new version. A swap reads and checks the whole folder (config, weights, shapes against the base
+model) before touching the weights, so a broken folder is refused and the previous adapter keeps
+serving. When the worker exits the adapter is unmerged: the `LoadedModel` is the base again.
 
 Importing this module is cheap (no torch, no transformers): they load with the model.
 
-Adapter swaps go through the same queue, in order, and are applied only between batches: an
-answer in flight always finishes on the version it started with, and a question asked after a
-swap was requested is answered by the new version. A swap validates the folder (config, weights,
-shapes against the base model) before touching the model, so a broken folder is refused and the
-previous adapter keeps serving. The LoRA configuration is fixed across versions, so a swap is a
-weight load (`load_adapter` + `set_adapter` + `delete_adapter`), not a model rebuild.
-
-`stop()` refuses new work, fails everything still queued with `EngineStopped`, lets the batch in
-flight finish within the timeout, and aborts it (at the next decoding step) past that.
+`stop()` refuses new work, fails everything still queued with `EngineStopped`, lets the rows in
+flight finish within the timeout, and aborts them (at the next decoding step) past that.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.engine.loading import LoadedModel, load_from_settings
-from bot.engine.prompt import check_question, encode_prompt
+from bot.engine.prompt import EncodedPrompt, check_question, encode_prompt
+from bot.engine.streaming import RowStream
 from bot.engine.types import (
     AnswerRequest,
     AnswerResult,
@@ -48,6 +57,8 @@ log = logging.getLogger(__name__)
 
 STOPPED = "the answer engine is stopped: the bot is shutting down or restarting; ask again shortly"
 ABORT_GRACE_S = 10.0  # after an abort, one decoding step at most
+# `generate`-style options the decode loop honours (greedy only; the benchmark forces lengths)
+SUPPORTED_OPTIONS = {"min_new_tokens", "suppress_tokens", "do_sample", "num_beams"}
 
 
 @dataclass
@@ -56,6 +67,18 @@ class _Job:
     on_partial: PartialCallback | None
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Row:
+    """A question being decoded: its job, prompt, token stream and the version answering it."""
+
+    job: _Job
+    prompt: EncodedPrompt | None = None
+    stream: RowStream | None = None
+    version: str | None = None
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
 
 
 @dataclass
@@ -78,25 +101,47 @@ class AnswerEngine:
         batch_size: int,
         generate_options: dict[str, Any] | None = None,
     ):
-        """`generate_options` go to every `model.generate` call (the benchmark forces lengths)."""
+        """`generate_options`: `min_new_tokens`, `suppress_tokens` (decoding is always greedy)."""
+        from bot.engine.merging import MergedWeights
+
         if batch_size < 1 or max_new_tokens < 1 or max_input_tokens < 1:
             raise EngineError("batch_size, max_new_tokens and max_input_tokens must be at least 1")
+        options = dict(generate_options or {})
+        unknown = set(options) - SUPPORTED_OPTIONS
+        if unknown or options.get("do_sample") or options.get("num_beams", 1) != 1:
+            raise EngineError(
+                f"unsupported generate options {sorted(unknown) or options}: the engine decodes "
+                "greedily and honours only min_new_tokens and suppress_tokens"
+            )
         self.loaded = loaded
         self.system_prompt = system_prompt
         self.max_input_tokens = max_input_tokens
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.generate_options = dict(generate_options or {})
+        self.generate_options = options
         self._base = loaded.model
-        self._peft = None  # a PeftModel around the base once the first adapter is loaded
+        self._weights = MergedWeights(model=loaded.model)  # the adapter merged into the base
+        self._adapters: dict = {}  # the last adapter read, kept for a cheap swap back
         self._active: str | None = None
         self._stop_ids = _stop_token_ids(loaded)
+        tokenizer = loaded.tokenizer
+        self._pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._stop_ids)
+        )
         self._pending: deque[_Job | _Swap] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
-        self._counts = {"answered": 0, "failed": 0, "batches": 0, "swaps": 0, "last_batch_size": 0}
+        self._counts = {
+            "answered": 0,
+            "failed": 0,
+            "batches": 0,
+            "swaps": 0,
+            "last_batch_size": 0,
+            "steps": 0,
+        }
+        # batches: prefill groups (questions admitted together); steps: decoding steps
 
     @classmethod
     def from_settings(cls, settings, loaded: LoadedModel | None = None) -> AnswerEngine:
@@ -212,18 +257,25 @@ class AnswerEngine:
             self._pending.append(item)
             self._cond.notify()
 
-    def _next_work(self) -> _Swap | list[_Job] | None:
-        """Wait for work: a swap, or the jobs queued before the next swap (up to batch_size)."""
+    def _next_work(self, *, running: int, can_join: bool) -> _Swap | list[_Job] | None:
+        """What to do before the next step: a swap, newcomers to admit ([] for none), or None.
+
+        Blocks only when no row is decoding. None means: stopping and nothing left to finish.
+        A swap at the head of the queue stops admissions until the running rows have finished
+        (drain), so every answer finishes on the version it started with.
+        """
         with self._cond:
-            while not self._pending and not self._stopping:
+            while not self._pending and not running and not self._stopping:
                 self._cond.wait()
             if self._stopping:
-                return None
+                return [] if running else None
+            if not self._pending or (running and not can_join):
+                return []
             if isinstance(self._pending[0], _Swap):
-                return self._pending.popleft()
+                return [] if running else self._pending.popleft()
             jobs = []
             while self._pending and isinstance(self._pending[0], _Job):
-                if len(jobs) == self.batch_size:
+                if running + len(jobs) == self.batch_size:
                     break
                 job = self._pending.popleft()
                 if job.future.set_running_or_notify_cancel():  # False: the caller gave up
@@ -233,34 +285,39 @@ class AnswerEngine:
     def _run(self) -> None:
         import torch
 
-        while True:
-            work = self._next_work()
-            if work is None:
-                return
-            try:
+        from bot.engine.decoding import DecodeBatch
+
+        batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
+        try:
+            while True:
+                work = self._next_work(running=len(batch), can_join=batch.can_join)
+                if work is None:
+                    return
                 if isinstance(work, _Swap):
                     self._swap(work)
-                elif work:
+                    continue
+                try:
                     with torch.inference_mode():
-                        self._answer_batch(work)
-            except Exception as exc:  # a bug must not kill the worker and hang every caller
-                log.exception("the engine worker failed on a %s", type(work).__name__)
-                futures = [work.future] if isinstance(work, _Swap) else [j.future for j in work]
-                if not isinstance(work, _Swap):
-                    self._counts["failed"] += sum(not future.done() for future in futures)
-                for future in futures:
-                    _fail(future, EngineError(f"the answer engine failed: {exc}"))
+                        if work:
+                            self._admit(batch, work)
+                        if len(batch):
+                            self._step(batch)
+                except Exception as exc:  # a bug must not kill the worker and hang every caller
+                    log.exception("the engine worker failed while decoding")
+                    rows = [*batch.rows, *(_Row(job=job) for job in work)]
+                    batch.clear()
+                    for row in rows:
+                        if not row.job.future.done():
+                            self._counts["failed"] += 1
+                            _fail(row.job.future, EngineError(f"the answer engine failed: {exc}"))
+        finally:
+            self._weights.apply(None)  # hand the LoadedModel back as the base model it was
 
-    def _answer_batch(self, jobs: list[_Job]) -> None:
-        import torch
-        from transformers import StoppingCriteriaList
-
-        from bot.engine.streaming import BatchStreamer, answer_ids, decode_answer
-
-        started = time.perf_counter()
+    def _admit(self, batch, jobs: list[_Job]) -> None:
+        """Prefill the newcomers as one group and merge them into the running batch."""
         tokenizer = self.loaded.tokenizer
-        encoded = []
-        for job in list(jobs):
+        rows, prompts = [], []
+        for job in jobs:
             try:
                 prompt = encode_prompt(
                     tokenizer,
@@ -270,87 +327,102 @@ class AnswerEngine:
                 )
             except EngineError as exc:
                 _fail(job.future, exc)
-                jobs.remove(job)
                 self._counts["failed"] += 1
                 continue
-            encoded.append(prompt)
-        if not jobs:
+            limit = max(1, job.request.max_new_tokens or self.max_new_tokens)
+            stream = RowStream(
+                tokenizer=tokenizer, callback=job.on_partial, stop_ids=self._stop_ids, limit=limit
+            )
+            rows.append(_Row(job=job, prompt=prompt, stream=stream, version=self._active))
+            prompts.append(prompt.input_ids)
+        if not rows:
             return
-
-        width = max(len(prompt.input_ids) for prompt in encoded)
-        pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._stop_ids)
-        )
-        input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, prompt in enumerate(encoded):  # left padding: every row ends where decoding starts
-            n = len(prompt.input_ids)
-            input_ids[row, width - n :] = torch.tensor(prompt.input_ids, dtype=torch.long)
-            attention_mask[row, width - n :] = 1
-        limits = [max(1, job.request.max_new_tokens or self.max_new_tokens) for job in jobs]
-        streamer = BatchStreamer(
-            tokenizer=tokenizer,
-            callbacks=[job.on_partial for job in jobs],
-            stop_ids=self._stop_ids,
-            limits=limits,
-        )
-        version = self._active
-        model, adapter_off = self._serving_model()
-        options = {"do_sample": False, "num_beams": 1, **self.generate_options}
-        with adapter_off:
-            output = model.generate(
-                input_ids=input_ids.to(self.loaded.device),
-                attention_mask=attention_mask.to(self.loaded.device),
-                max_new_tokens=max(limits),
-                eos_token_id=sorted(self._stop_ids),
-                pad_token_id=pad_id,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList(
-                    [_RowLimits(width, limits), _Abort(self._abort)]
-                ),
-                **options,
-            )
-        finished = time.perf_counter()
+        started = time.perf_counter()
+        for row in rows:
+            row.admitted_at = started
+        logits = batch.join(prompts, rows)
         self._counts["batches"] += 1
-        self._counts["last_batch_size"] = len(jobs)
-        first_token_at = streamer.first_token_at or finished
-        for row, (job, prompt) in enumerate(zip(jobs, encoded, strict=True)):
-            if self._abort.is_set():
-                _fail(job.future, EngineStopped(STOPPED))
-                continue
-            ids = answer_ids(
-                output[row, width:].tolist(), stop_ids=self._stop_ids, limit=limits[row]
-            )
-            text = decode_answer(tokenizer, ids)
-            streamer.finish(row, text)
-            result = AnswerResult(
-                text=text,
-                adapter_version=version,
-                timings=Timings(
-                    queued_s=started - job.submitted_at,
-                    prompt_s=first_token_at - started,
-                    generate_s=finished - first_token_at,
-                    total_s=finished - job.submitted_at,
-                    new_tokens=len(ids),
-                ),
-                truncated_input=prompt.truncated,
-                notes_used=prompt.notes_used,
-            )
-            self._counts["answered"] += 1
-            with contextlib.suppress(InvalidStateError):
-                job.future.set_result(result)
+        self._counts["last_batch_size"] = len(rows)
+        self._take(batch, rows, logits, offset=len(batch) - len(rows))
 
-    def _serving_model(self):
-        """The model to call and the context to call it in, for the active version."""
-        if self._peft is None:
-            return self._base, contextlib.nullcontext()
-        if self._active is None:
-            return self._peft, self._peft.disable_adapter()
-        return self._peft, contextlib.nullcontext()
+    def _step(self, batch) -> None:
+        if self._abort.is_set():
+            rows = batch.rows
+            batch.clear()
+            for row in rows:
+                _fail(row.job.future, EngineStopped(STOPPED))
+            return
+        logits = batch.step(batch.tokens)
+        self._counts["steps"] += 1
+        self._take(batch, batch.rows, logits, offset=0)
+
+    def _take(self, batch, rows: list[_Row], logits, *, offset: int) -> None:
+        """Choose each row's next token, stream it, and let finished rows leave the batch."""
+        import torch
+
+        from bot.engine.decoding import greedy
+
+        blocked = self._blocked_tokens(rows, logits)
+        tokens = greedy(logits, blocked=blocked)
+        if offset:  # newcomers: their first token joins the running rows' last ones
+            batch.tokens = torch.cat([batch.tokens, tokens])
+        else:
+            batch.tokens = tokens
+        now = time.perf_counter()
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if row.first_token_at is None:
+                row.first_token_at = now
+            row.stream.push(token)
+        if any(row.stream.done for row in rows):
+            finished = [row for row in batch.rows if row.stream.done]
+            batch.keep([i for i, row in enumerate(batch.rows) if not row.stream.done])
+            for row in finished:
+                self._finish(row)
+
+    def _blocked_tokens(self, rows: list[_Row], logits):
+        """Tokens a row may not pick now: `suppress_tokens`, stop tokens before `min_new_tokens`."""
+        suppress = self.generate_options.get("suppress_tokens")
+        minimum = self.generate_options.get("min_new_tokens", 0)
+        early = [len(row.stream.ids) < minimum for row in rows]
+        if not suppress and not any(early):
+            return None
+        import torch
+
+        blocked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        if suppress:
+            blocked[:, list(suppress)] = True
+        stops = sorted(self._stop_ids)
+        for index, is_early in enumerate(early):
+            if is_early:
+                blocked[index, stops] = True
+        return blocked
+
+    def _finish(self, row: _Row) -> None:
+        finished = time.perf_counter()
+        text = row.stream.text()
+        row.stream.finish(text)
+        first = row.first_token_at or finished
+        result = AnswerResult(
+            text=text,
+            adapter_version=row.version,
+            timings=Timings(
+                queued_s=row.admitted_at - row.job.submitted_at,
+                prompt_s=first - row.admitted_at,
+                generate_s=finished - first,
+                total_s=finished - row.job.submitted_at,
+                new_tokens=len(row.stream.ids),
+            ),
+            truncated_input=row.prompt.truncated,
+            notes_used=row.prompt.notes_used,
+        )
+        self._counts["answered"] += 1
+        with contextlib.suppress(InvalidStateError):
+            row.job.future.set_result(result)
 
     # swaps
 
     def _swap(self, swap: _Swap) -> None:
+        """Apply a swap; the worker calls it only when no row is decoding."""
         started = time.perf_counter()
         before = self._active
         try:
@@ -372,103 +444,19 @@ class AnswerEngine:
             swap.future.set_result(elapsed)
 
     def _apply_adapter(self, version: str | None, path: Path | None) -> None:
-        if version is None or version == self._active:
-            self._active = version  # None: the loaded adapter stays, disabled while generating
+        from bot.engine.merging import read_adapter
+
+        if version == self._active:
             return
-        if self._peft is not None and version in self._peft.peft_config:
-            self._peft.set_adapter(version, inference_mode=True)
+        if version is None:
+            self._weights.apply(None)
         else:
-            check_adapter_folder(path, base_model=self._base)
-            if self._peft is None:
-                self._wrap_base(version, path)
-            else:
-                self._load_into_peft(version, path)
-        for name in list(self._peft.peft_config):
-            if name != version:
-                self._peft.delete_adapter(name)
+            cached = self._adapters.get(version)
+            # read and check it all before the serving weights change: a bad folder changes nothing
+            adapter = cached or read_adapter(Path(path), version=version, base_model=self._base)
+            self._weights.apply(adapter)
+            self._adapters = {version: adapter}  # the A/B matrices: a few MB, for a swap back
         self._active = version
-
-    def _wrap_base(self, version: str, path: Path) -> None:
-        from peft import PeftModel
-
-        try:
-            self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=version)
-        except Exception:
-            _remove_lora_layers(self._base)  # from_pretrained injects layers before loading
-            raise
-        self._peft.eval()
-
-    def _load_into_peft(self, version: str, path: Path) -> None:
-        previous = self._peft.active_adapter
-        try:
-            self._peft.load_adapter(str(path), adapter_name=version)
-            self._peft.set_adapter(version, inference_mode=True)
-        except Exception:
-            if version in self._peft.peft_config:
-                self._peft.set_adapter(previous, inference_mode=True)
-                self._peft.delete_adapter(version)
-            raise
-
-
-def check_adapter_folder(path: Path, *, base_model) -> None:
-    """Refuse a folder that is not a LoRA adapter for `base_model`, without touching the model."""
-    from peft import PeftConfig
-    from peft.utils import load_peft_weights
-
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise EngineError(f"{path / 'adapter_config.json'} is missing")
-    config = PeftConfig.from_pretrained(str(path))
-    if str(config.peft_type).upper().rsplit(".", 1)[-1] != "LORA":
-        raise EngineError(f"it is a {config.peft_type} adapter, not LoRA")
-    weights = load_peft_weights(str(path), device="cpu")
-    if not weights:
-        raise EngineError("it holds no weights")
-    for key, tensor in weights.items():
-        for marker, dim in ((".lora_A.", 1), (".lora_B.", 0)):
-            if marker not in key:
-                continue
-            module_path = key.split(marker)[0].removeprefix("base_model.model.")
-            try:
-                module = base_model.get_submodule(module_path)
-            except AttributeError:
-                raise EngineError(f"its layer {module_path} is not in the base model") from None
-            layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            weight = getattr(layer, "weight", None)
-            if weight is None or weight.dim() != 2:
-                continue
-            expected = weight.shape[dim]
-            if tensor.shape[dim] != expected:
-                raise EngineError(
-                    f"{key} has shape {tuple(tensor.shape)}, the base layer {expected} features: "
-                    "it was trained for a different base model"
-                )
-
-
-class _RowLimits:
-    """Stops each row at its own `max_new_tokens` (a batch mixes requests with different ones)."""
-
-    def __init__(self, prompt_width: int, limits: list[int]):
-        import torch
-
-        self.prompt_width = prompt_width
-        self.limits = torch.tensor(limits, dtype=torch.long)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        produced = input_ids.shape[1] - self.prompt_width
-        return (produced >= self.limits).to(input_ids.device)
-
-
-class _Abort:
-    """Stops every row at the next step once `stop()` gave up waiting."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
 
 
 def _stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -488,19 +476,6 @@ def _stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
     if not ids:
         raise EngineError(f"model {loaded.name!r} defines no end-of-sequence token")
     return frozenset(ids)
-
-
-def _remove_lora_layers(model) -> None:
-    """Put back the original layers where a failed `PeftModel.from_pretrained` injected LoRA."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
 
 
 def _reason(exc: Exception) -> str:

@@ -1,0 +1,157 @@
+"""Continuous batching: a hand-written greedy decode loop whose rows join and leave between steps.
+
+`model.generate` runs a batch from its first token to its last: a question that arrives while it
+runs waits for the whole batch. Here the engine owns the loop instead. A `DecodeBatch` holds
+the rows decoding together and their shared KV cache (transformers' `DynamicCache`), left-padded
+so every row's next token lands in the same column:
+
+- **join**: newcomers are prefilled together as their own left-padded group (one forward over
+  their prompts, fresh cache), then their cache is concatenated onto the running one along the
+  batch axis, the shorter side padded on the left with zeros that the attention mask hides;
+- **step**: one forward for every row, one new token each (`logits_to_keep=1`: only the last
+  position's logits are computed, the vocabulary projection is the largest matmul);
+- **leave**: finished rows are dropped from the cache (`batch_select_indices`), and columns that
+  became padding for every remaining row are cut off, so a long prompt that left stops costing.
+
+Positions are tracked per row (RoPE needs the row's own position, not the cache column); the
+causal mask comes from the cache length and the 2D padding mask, as in `generate`. Greedy
+decoding with padding masked out gives the same tokens as decoding each row alone (up to float
+rounding; tested).
+
+Only plain `DynamicLayer` caches can be merged this way. A model with sliding-window or other
+special cache layers still works: `can_join` is then False and the worker admits newcomers only
+when the batch is empty (static batching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class DecodeBatch:
+    """The rows decoding together, their KV cache, padding mask, positions and last tokens."""
+
+    def __init__(self, model, *, pad_id: int, device):
+        self.model = model
+        self.pad_id = pad_id
+        self.device = device
+        self.rows: list[Any] = []  # the caller's per-row objects, in batch order
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, columns) 1 = a real token
+        self.positions: torch.Tensor | None = None  # (rows,) the position of the next token
+        self.tokens: torch.Tensor | None = None  # (rows,) the last token, fed at the next step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    @property
+    def can_join(self) -> bool:
+        """Whether newcomers can join rows already decoding (plain dynamic cache layers only)."""
+        if self.cache is None:
+            return True
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def join(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any]) -> torch.Tensor:
+        """Prefill `prompts` as one group, merge it into the batch; return their last logits."""
+        width = max(len(ids) for ids in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every row ends in the last column
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_positions = mask.sum(-1)
+        if self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, next_positions
+        else:
+            self._merge(cache, mask, next_positions)
+        self.rows.extend(rows)
+        return output.logits[:, -1, :]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its last token (`tokens`, shape (rows,)); return the next logits."""
+        self.tokens = tokens
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        output = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.positions = self.positions + 1
+        return output.logits[:, -1, :]
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only the rows at `indices` (in that order); the others leave the batch."""
+        if len(indices) == len(self.rows):
+            return
+        if not indices:
+            self.clear()
+            return
+        index = torch.tensor(list(indices), dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        if self.tokens is not None:
+            self.tokens = self.tokens[index]
+        used = self.mask.any(dim=0)
+        first = int(used.to(torch.long).argmax())  # columns before it are padding for every row
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:, :]
+                layer.values = layer.values[:, :, first:, :]
+
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.positions, self.tokens = [], None, None, None, None
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        width = max(self.width, int(mask.shape[1]))
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+            )
+        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
+        self.positions = torch.cat([self.positions, positions])
+
+
+def greedy(logits: torch.Tensor, *, blocked: torch.Tensor | None = None) -> torch.Tensor:
+    """The argmax token of each row; `blocked` (rows, vocab) bool masks tokens out first."""
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
+    return logits.argmax(dim=-1)
+
+
+def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad (rows, heads, columns, dim) key/value states with zeros on the left to `width`."""
+    missing = width - states.shape[2]
+    return states if missing == 0 else F.pad(states, (0, 0, missing, 0))
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else F.pad(mask, (missing, 0))
