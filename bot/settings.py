@@ -8,7 +8,7 @@ import time: build a `Settings()` in a factory so tests can build as many as the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -82,6 +82,22 @@ class Settings(BaseSettings):
         default=20, ge=1, description="start a cycle once this many new expert verdicts arrived"
     )
     train_check_s: float = Field(default=60.0, gt=0, description="verdict-count check interval")
+    train_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch threads of the training process; 0 = half the cores (at least 1), "
+        "so answering keeps the rest while a cycle runs",
+    )
+    train_lock_ttl_s: float = Field(
+        default=120.0,
+        ge=3,
+        description="lease of the training lock, renewed every third of it; a cycle whose "
+        "heartbeat is older than this is presumed dead",
+    )
+    train_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainingConfig fields to override, as JSON (e.g. '{\"learning_rate\": 3e-4}')",
+    )
 
     # Retrieval: approved and corrected answers help the next asker at once (bot.knowledge)
     retrieval_enabled: bool = Field(

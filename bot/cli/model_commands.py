@@ -101,7 +101,12 @@ def ask(
 
 
 def train(
-    data: Path = typer.Option(..., "--data", help="JSONL file: one {question, answer} a line"),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        help="JSONL file: one {question, answer} a line; without it, one learning cycle on the "
+        "experts' verdicts in the database (what the schedule runs)",
+    ),
     max_steps: int = typer.Option(
         None, "--max-steps", min=1, help="optimizer steps (default: from the data size)"
     ),
@@ -109,7 +114,14 @@ def train(
         False, "--no-promote", help="publish, but keep the active version"
     ),
 ) -> None:
-    """Train a new adapter version on a JSONL file, gate it, and promote it if it passes."""
+    """One learning cycle now (or train on a JSONL file with --data); gate, promote if it passes."""
+    if data is None:
+        if max_steps is not None or no_promote:
+            fail(
+                "--max-steps and --no-promote go with --data; a cycle uses the configured settings"
+            )
+        _train_cycle()
+        return
     from bot.adapter_store import AdapterInvalid
     from bot.learning.config import TrainingConfig
     from bot.learning.examples import DataError, load_examples_jsonl
@@ -152,6 +164,28 @@ def train(
     typer.secho(f"{report.version} {status}", bold=True)
     for reason in report.reasons:
         typer.echo(f"  - {reason}")
+
+
+def _train_cycle() -> None:
+    """The same cycle the schedule and `/apprentice train` run, waited for, its output shown."""
+    from bot.learning.cycle import LockBusy, run_cycle
+
+    settings = load_settings()
+    db, _registry = _open_registry(settings)
+    typer.echo("learning cycle: training on the experts' verdicts in a separate process…")
+    try:
+        outcome = run_cycle(
+            settings=settings, db=db, trigger="cli", actor=_actor(), inherit_output=True
+        )
+    except LockBusy as exc:
+        fail(f"{exc}; only one learning cycle runs at a time")
+    except ValueError as exc:
+        fail(str(exc))
+    typer.secho(outcome.summary(), bold=True)
+    for reason in outcome.reasons:
+        typer.echo(f"  - {reason}")
+    if outcome.state == "failed":
+        fail(f"training failed; the active version is unchanged: {outcome.error.splitlines()[0]}")
 
 
 @adapters_app.command("list")

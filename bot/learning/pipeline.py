@@ -14,6 +14,23 @@
    promote a refused one by name after reading why it was refused — and makes it active only
    when it passed (and `promote` is true).
 
+What the gate can show on this model, and why it is built this way: "held-out" examples are
+expert answers the candidate never trained on. On SmolLM2-135M a LoRA adapter learns the exact
+questions it was trained on and almost never a fact it did not see (0-2 of 10 reworded
+questions in shared/NOTES.md; an unseen fact is unknowable), so held-out FACT recall stays at
+the base model's level whatever the candidate learnt: requiring it to rise would refuse every
+version, and it is reported (`recall_held_out`) but not gated on. What the gate does demand:
+- fact recall on ALL current expert answers must beat the active version's. Those include
+  every correction since the active version was trained, which that version never saw: in
+  the cycle's terms they are its held-out set, and beating it there is the point of a cycle;
+- the held-out LOSS (the expert answers left out of training) must stay within
+  `early_stopping_tolerance` of the base model's: it rises a little while facts are memorised
+  and a lot when a run diverges or overfits (see `bot.learning.trainer`); with fewer than
+  `min_eval_examples` examples nothing is held out and this check is skipped;
+- the regression set must not lose more than one question (forgetting).
+Retrieval (`bot.knowledge`) is what carries reworded questions on this model; a bigger base
+model generalises and then held-out recall becomes meaningful (it is in the metrics).
+
 On any exception the run is marked failed with the error, the active version is untouched and
 the temporary folder is removed; the exception propagates to the caller.
 
@@ -85,6 +102,15 @@ def _update_run(db: Engine, run_id: int, **values) -> None:
         session.add(run)
 
 
+def _set_phase(db: Engine, run_id: int, phase: str) -> None:
+    """Say what the run is doing now (kept in its metrics until the final ones replace them)."""
+    with session_scope(db) as session:
+        run = session.get(TrainingRun, run_id)
+        run.metrics = {**(run.metrics or {}), "phase": phase}
+        run.heartbeat_at = utcnow()
+        session.add(run)
+
+
 def remove_lora_layers(model) -> None:
     """Put back the plain layers wherever LoRA layers were injected into `model` (in place)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -124,10 +150,33 @@ def _ask(engine, label, train, held_out) -> _Side:
     )
 
 
-def gate_decision(*, before: _Side, after: _Side, gate_size: int) -> tuple[bool, list[str]]:
-    """(passed, reasons). Tolerance: one regression question (small models wobble by one)."""
+def gate_decision(
+    *,
+    before: _Side,
+    after: _Side,
+    gate_size: int,
+    eval_loss_base: float | None = None,
+    eval_loss: float | None = None,
+    loss_tolerance: float = 0.3,
+) -> tuple[bool, list[str]]:
+    """(passed, reasons). Tolerance: one regression question (small models wobble by one).
+
+    With held-out examples, the candidate's held-out loss must also stay within
+    `loss_tolerance` of the base model's (step 0) held-out loss: a guard against a run that
+    diverged or overfit, not a test of learning (see the module docstring).
+    """
     reasons = []
     passed = True
+    if eval_loss_base is not None and eval_loss is not None:
+        limit = eval_loss_base * (1 + loss_tolerance)
+        if not eval_loss <= limit:  # also catches NaN
+            passed = False
+            reasons.append(
+                f"held-out loss rose from {eval_loss_base:.3f} to {eval_loss:.3f} "
+                f"(over the {loss_tolerance:.0%} allowed): the candidate diverged or overfit"
+            )
+        else:
+            reasons.append(f"held-out loss {eval_loss_base:.3f} -> {eval_loss:.3f} (within bounds)")
     tolerance = 1 / gate_size if gate_size else 0
     if after.regression < before.regression - tolerance - 1e-9:
         passed = False
@@ -162,22 +211,36 @@ def train_new_version(
     config: TrainingConfig | None = None,
     promote: bool = True,
     db: Engine | None = None,
+    run_id: int | None = None,
 ) -> TrainReport:
-    """Train, evaluate, gate, publish and (on pass) promote a new adapter version."""
+    """Train, evaluate, gate, publish and (on pass) promote a new adapter version.
+
+    `run_id` names a "running" `TrainingRun` row someone already created (the learning cycle
+    creates it in the parent process, so the run is on record before this process exists);
+    without it a row is created here.
+    """
     examples = deduplicate(examples)
-    if not examples:
-        raise DataError("no training examples: nothing to learn from")
     config = config or TrainingConfig()
     db = db or open_database(settings.database_url)
+    if not examples:
+        if run_id is not None:
+            _update_run(
+                db,
+                run_id,
+                state=RunState.FAILED,
+                error="DataError: no training examples",
+                finished_at=utcnow(),
+            )
+        raise DataError("no training examples: nothing to learn from")
     registry = AdapterRegistry(db=db, root=settings.adapters_dir)
     with session_scope(db) as session:
-        run = TrainingRun(
-            trigger=trigger,
-            state=RunState.RUNNING,
-            owner=_owner(),
-            heartbeat_at=utcnow(),
-            example_ids=[e.key for e in examples],
-        )
+        run = session.get(TrainingRun, run_id) if run_id is not None else None
+        if run_id is not None and run is None:
+            raise LookupError(f"no training run #{run_id} in the database")
+        run = run or TrainingRun(trigger=trigger, state=RunState.RUNNING)
+        run.owner = _owner()
+        run.heartbeat_at = utcnow()
+        run.example_ids = [e.key for e in examples]
         session.add(run)
         session.flush()
         run_id = run.id
@@ -226,6 +289,7 @@ def _run_cycle(
             active = None
 
     # The active version (or the base model) answers first; the base answers the mix questions.
+    _set_phase(db, run_id, "evaluating the active version")
     engine = _evaluation_engine(settings, loaded).start()
     try:
         mix = mix_items()
@@ -237,7 +301,7 @@ def _run_cycle(
     finally:
         engine.stop()
         remove_lora_layers(loaded.model)
-    _update_run(db, run_id)
+    _set_phase(db, run_id, "training")
 
     with tempfile.TemporaryDirectory(prefix="apprentice-train-") as work:
         adapter_dir = Path(work) / "adapter"
@@ -252,7 +316,7 @@ def _run_cycle(
             system_prompt=settings.system_prompt,
             max_input_tokens=settings.max_input_tokens,
         )
-        _update_run(db, run_id)
+        _set_phase(db, run_id, "evaluating the candidate")
 
         engine = _evaluation_engine(settings, loaded).start()
         try:
@@ -262,7 +326,14 @@ def _run_cycle(
             engine.stop()
             remove_lora_layers(loaded.model)
 
-        passed, reasons = gate_decision(before=before, after=after, gate_size=len(gate_items()))
+        passed, reasons = gate_decision(
+            before=before,
+            after=after,
+            gate_size=len(gate_items()),
+            eval_loss_base=trained.initial_eval_loss,
+            eval_loss=trained.best_eval_loss,
+            loss_tolerance=config.early_stopping_tolerance,
+        )
         reasons = notes + reasons
         metrics = {
             "examples": len(examples),
@@ -328,6 +399,11 @@ def _run_cycle(
     else:
         reasons.append(f"{version} kept as history; the active version is unchanged")
     metrics["total_seconds"] = round(time.perf_counter() - started, 2)
+    metrics["reasons"] = list(reasons)  # the run row says why, without opening the folder
+    with session_scope(db) as session:  # keep what the caller recorded at the start
+        recorded = dict(session.get(TrainingRun, run_id).metrics or {})
+    recorded.pop("phase", None)
+    metrics = {**recorded, **metrics}
     _update_run(
         db,
         run_id,

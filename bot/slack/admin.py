@@ -7,6 +7,7 @@ on its own thread, reporting through the command's response_url.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from bot.slack.blocks import version_label
 from bot.slack.services import Services
 from bot.store import session_scope
 from bot.store.channels import set_auto_answer
+from bot.store.locks import LockBusy
 from bot.store.members import add_member, list_members, remove_member
 from bot.store.models import Role, utcnow
 from bot.store.stats import review_stats
@@ -195,26 +197,58 @@ def _rollback(*, services: Services, user_id: str, **_) -> Reply:
 
 
 def _train(*, services: Services, user_id: str, **_) -> Reply:
+    """Start a cycle now and say so at once; the outcome follows (ephemeral + admin report).
+
+    The hook starts the cycle in the background and returns a handle with `run_id` and
+    `wait()` (`bot.learning.cycle.start_cycle`); `LockBusy` means one is running already.
+    """
     hook = services.run_training
     if hook is None:
         return Reply(NO_TRAINING)
+    try:
+        started = hook(trigger="slack", actor=user_id)
+    except LockBusy as exc:
+        return Reply(
+            f"A learning cycle is already running ({exc}). Its report will follow; "
+            "try again when it is done."
+        )
+    except ValueError as exc:  # a bad APPRENTICE_TRAIN_OVERRIDES, say which key
+        return Reply(f"Could not start training: {exc}")
+    wait = getattr(started, "wait", None)
+    if wait is None:  # a hook that ran the whole cycle itself
+        return Reply(f"Training started and finished: {started}")
+    if started.done():
+        return Reply(f"Nothing to train: {wait().summary()}")
+    channel = services.settings.admin_channel
+    where = f"in <#{channel}>" if channel else "here"
+    return Reply(
+        f"Started training run #{started.run_id}; the report will follow {where}.",
+        Followup(lambda: f"Training {wait().summary()}"),
+    )
 
-    def run() -> str:
-        outcome = hook(trigger="slack", actor=user_id)
-        return f"Training finished: {outcome}" if outcome is not None else "Training finished."
 
-    return Reply("Training started; I'll report here when it's done.", Followup(run))
-
-
-def _export(*, services: Services, **_) -> Reply:
+def _export(*, services: Services, user_id: str, channel_id: str, **_) -> Reply:
     hook = services.export_dataset
     if hook is None:
         return Reply(NO_EXPORT)
 
     def run() -> str:
-        return f"Export finished: {hook()}"
+        if _accepts(hook, "user_id"):
+            result = hook(user_id=user_id, channel_id=channel_id)
+        else:
+            result = hook()
+        if getattr(result, "examples", None) == 0:
+            return "Nothing to export yet: no approved or corrected answers."
+        return f"Export finished: {result}"
 
-    return Reply("Exporting the training data…", Followup(run))
+    return Reply("Exporting the training data; I'll send you the file…", Followup(run))
+
+
+def _accepts(function, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 COMMANDS: dict[str, Callable[..., Reply]] = {

@@ -42,7 +42,19 @@ METHOD_SCOPES: dict[str, str | None] = {
     "views.publish": None,
     "views.update": None,
     "usergroups.users.list": "usergroups:read",
+    "conversations.open": "im:write",  # /apprentice export goes to the admin's DM
+    "files.getUploadURLExternal": "files:write",  # files_upload_v2: training reports, exports
+    "files.completeUploadExternal": "files:write",
 }
+
+# Methods the learning side calls outside Bolt's listeners (the training report after a
+# scheduled cycle, the export upload): an end-to-end run of the listeners does not see them.
+LEARNING_METHODS = (
+    "chat.postMessage",
+    "conversations.open",
+    "files.getUploadURLExternal",
+    "files.completeUploadExternal",
+)
 
 # Scopes the event subscriptions and commands need, beyond the methods above.
 EVENT_SCOPES = {
@@ -55,10 +67,12 @@ COMMAND_SCOPE = "commands"
 
 
 def required_scopes(methods: set[str]) -> set[str]:
-    """Bot scopes for the methods called plus those the events and commands need.
+    """Bot scopes for the methods called, the learning side's methods, and those the events
+    and commands need.
 
     Raises KeyError for a method not in `METHOD_SCOPES`, so a new call cannot slip by unmapped.
     """
+    methods = set(methods) | set(LEARNING_METHODS)
     scopes = {scope for method in methods for scope in (METHOD_SCOPES[method] or "").split()}
     scopes |= {EVENT_SCOPES[event] for event in BOT_EVENTS if event in EVENT_SCOPES}
     if COMMANDS:
