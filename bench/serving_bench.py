@@ -1,0 +1,339 @@
+"""Serving ratios on the real default model: concurrency, adapter overhead, decode efficiency,
+swaps under load and memory. Every figure is a ratio of two things measured side by side in this
+run (the machines are shared and noisy); each is the median of `--repeats` tries.
+
+    python bench/serving_bench.py [--new-tokens 48] [--repeats 3] [--json out.json]
+
+1. concurrency: wall time of 8 questions submitted together ÷ one question (answers forced to
+   the same length); plus a question arriving mid-answer: its latency ÷ its latency alone.
+2. adapter overhead: per-token decode time with the active adapter (merged) ÷ the base model;
+   the unmerged PEFT adapter is timed beside it for reference.
+3. decode efficiency: batch-1 tokens/s ÷ the memory-bandwidth limit, where bandwidth comes from
+   a large tensor copy in this run and the limit is bandwidth ÷ bytes of weights read per token;
+   plain `model.generate` is measured beside it.
+5. swaps under load: 50 questions with 10 adapter swaps among them: failed or duplicated answers,
+   answers on the wrong version, and throughput ÷ the same run without swaps.
+7. memory: this process's RSS once serving (model, engine, an adapter) ÷ the weights' bytes.
+
+The device is chosen as the bot chooses it (`auto`: CUDA in bf16 when present, else CPU float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.engine_bench import make_random_adapter  # noqa: E402
+from bot.engine.loading import load_base_model  # noqa: E402
+from bot.engine.types import AnswerRequest  # noqa: E402
+from bot.engine.worker import AnswerEngine  # noqa: E402
+from bot.settings import DEFAULT_BASE_MODEL, DEFAULT_SYSTEM_PROMPT, Settings  # noqa: E402
+
+TOPICS = ["deploys", "on-call", "releases", "backups", "billing", "alerts", "access", "laptops"]
+QUESTIONS = [f"In two sentences, how does our team handle {topic}?" for topic in TOPICS]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decoding step reads: every distinct parameter once (tied embeddings
+    are read once, by the output projection; the input lookup reads one row)."""
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        if parameter.data_ptr() in seen:
+            continue
+        seen.add(parameter.data_ptr())
+        total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def copy_bandwidth(device, *, mbytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s moved by copying a large tensor (read + write), best of `repeats`."""
+    import torch
+
+    source = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * 4 / best
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
+
+
+def make_engine(loaded, n: int, batch_size: int = 8) -> AnswerEngine:
+    return AnswerEngine(
+        loaded,
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
+        max_input_tokens=1024,
+        max_new_tokens=n,
+        batch_size=batch_size,
+        generate_options={"min_new_tokens": n},
+    )
+
+
+def decode_speed(engine, *, questions, timeout=600) -> float:
+    """Median batch-1 decode tokens/s (prefill excluded) over `questions`, one at a time."""
+    results = [engine.answer(q, timeout=timeout) for q in questions]
+    return median(r.timings.tokens_per_s for r in results)
+
+
+def generate_speed(loaded, *, n: int, questions) -> float:
+    """Batch-1 decode tokens/s of plain `model.generate` (prefill timed apart and subtracted)."""
+    import torch
+
+    from bot.engine.prompt import encode_prompt
+
+    speeds = []
+    for question in questions:
+        ids = encode_prompt(
+            loaded.tokenizer,
+            AnswerRequest(question),
+            system_prompt=DEFAULT_SYSTEM_PROMPT,
+            max_input_tokens=1024,
+        ).input_ids
+        inputs = torch.tensor([ids], device=loaded.device)
+        options = dict(do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            loaded.model.generate(inputs, max_new_tokens=1, min_new_tokens=1, **options)
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            loaded.model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **options)
+            total = time.perf_counter() - started
+        speeds.append((n - 1) / (total - prefill))
+    return median(speeds)
+
+
+def concurrency(engine, *, repeats: int) -> dict:
+    single, together, same = [], [], []
+    for _ in range(repeats):
+        alone = []
+        for question in QUESTIONS:
+            started = time.perf_counter()
+            alone.append(engine.answer(question, timeout=600))
+            single.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        futures = [engine.submit(question) for question in QUESTIONS]
+        wait(futures, timeout=900)
+        together.append(time.perf_counter() - started)
+        same.append(sum(f.result().text == a.text for f, a in zip(futures, alone, strict=True)))
+    return {
+        "single_s": median(single),
+        "eight_s": median(together),
+        "ratio": median(together) / median(single),
+        "equal_answers": min(same),
+    }
+
+
+def late_arrival(engine, *, n: int, repeats: int) -> dict:
+    """A short question arriving while a long one decodes: its latency ÷ its latency alone."""
+    short = AnswerRequest(QUESTIONS[1], max_new_tokens=max(4, n // 4))
+    alone, joined, waited_for_whole = [], [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.answer(short, timeout=600)
+        alone.append(time.perf_counter() - started)
+        arrived: dict = {}
+        trigger = threading.Event()
+
+        def on_partial(text, trigger=trigger):
+            if len(text.split()) >= 3:
+                trigger.set()
+
+        long_future = engine.submit(
+            AnswerRequest(QUESTIONS[0], max_new_tokens=n * 2), on_partial=on_partial
+        )
+        trigger.wait(600)
+        arrived["t"] = time.perf_counter()
+        short_result = engine.submit(short).result(timeout=600)
+        joined.append(time.perf_counter() - arrived["t"])
+        waited_for_whole.append(not long_future.done() or short_result is None)
+        long_future.result(timeout=600)
+    return {
+        "alone_s": median(alone),
+        "joined_s": median(joined),
+        "ratio": median(joined) / median(alone),
+        "finished_before_long_one": sum(waited_for_whole),
+    }
+
+
+def adapter_overhead(loaded, engine, folder: Path, *, n: int, repeats: int) -> dict:
+    """Per-token time: merged adapter ÷ base, alternating so drift hits both; PEFT unmerged too."""
+    base, merged = [], []
+    for _ in range(repeats):
+        engine.set_adapter(None, None).result(timeout=600)
+        base.append(1 / decode_speed(engine, questions=QUESTIONS[:3]))
+        engine.set_adapter("v0001", folder).result(timeout=600)
+        merged.append(1 / decode_speed(engine, questions=QUESTIONS[:3]))
+    engine.set_adapter(None, None).result(timeout=600)
+    return {
+        "base_ms": 1000 * median(base),
+        "merged_ms": 1000 * median(merged),
+        "ratio": median(merged) / median(base),
+    }
+
+
+def peft_unmerged_overhead(loaded, folder: Path, *, n: int) -> dict:
+    """`model.generate` per-token time with an unmerged PEFT adapter ÷ without (reference)."""
+    from peft import PeftModel
+
+    base = 1 / generate_speed(loaded, n=n, questions=QUESTIONS[:3])
+    peft_model = PeftModel.from_pretrained(loaded.model, str(folder))
+    peft_model.eval()
+    wrapped = type(loaded)(**{**loaded.__dict__, "model": peft_model})
+    try:
+        unmerged = 1 / generate_speed(wrapped, n=n, questions=QUESTIONS[:3])
+    finally:
+        peft_model.unload()  # the layers come out again: the base is clean for what follows
+    return {"ratio": unmerged / base}
+
+
+def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int) -> dict:
+    """`questions` questions with `swaps` swaps among them, against the same run without swaps."""
+    requests = [AnswerRequest(QUESTIONS[i % len(QUESTIONS)]) for i in range(questions)]
+    every = questions // swaps
+
+    def run(with_swaps: bool) -> tuple[float, list, list]:
+        engine.set_adapter(None, None).result(timeout=600)
+        futures, expected, swap_futures, version = [], [], [], None
+        started = time.perf_counter()
+        for index, request in enumerate(requests):
+            if with_swaps and index % every == every - 1 and len(swap_futures) < swaps:
+                version = f"v{len(swap_futures) % 2 + 1:04d}"
+                folder = folders[len(swap_futures) % 2]
+                swap_futures.append(engine.set_adapter(version, folder))
+            futures.append(engine.submit(request))
+            expected.append(version)
+        wait(futures + swap_futures, timeout=1800)
+        elapsed = time.perf_counter() - started
+        return elapsed, futures, expected
+
+    plain_s, _, _ = run(False)
+    swapped_s, futures, expected = run(True)
+    failed = sum(f.exception() is not None for f in futures)
+    results = [f.result() for f in futures if f.exception() is None]
+    wrong = sum(r.adapter_version != v for r, v, f in zip(results, expected, futures, strict=False))
+    engine.set_adapter(None, None).result(timeout=600)
+    answered = engine.stats()["answered"]
+    return {
+        "failed": failed,
+        "wrong_version": wrong,
+        "duplicates": len(results) - len({id(r) for r in results}),
+        "throughput_ratio": plain_s / swapped_s,
+        "answered_total": answered,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--swap-questions", type=int, default=50)
+    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args()
+
+    import torch
+
+    cache_dir = Settings(_env_file=None).model_cache_dir
+    loaded = load_base_model(DEFAULT_BASE_MODEL, device=args.device, cache_dir=cache_dir)
+    n = args.new_tokens
+    out: dict = {
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "new_tokens": n,
+    }
+    weights = weight_bytes(loaded.model)
+    out["weight_bytes"] = weights
+    print(f"{DEFAULT_BASE_MODEL} on {loaded.device}: {weights / 1e6:.0f} MB of weights", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [
+            make_random_adapter(
+                cache_dir=cache_dir, folder=Path(tmp) / f"v000{i}", seed=i, threads=0
+            )
+            for i in (1, 2)
+        ]
+        with make_engine(loaded, n) as engine:
+            engine.answer("warm up", timeout=600)
+
+            bandwidths, engine_speeds, generate_speeds = [], [], []
+            for _ in range(args.repeats):  # interleaved: the same noise hits all three
+                bandwidths.append(copy_bandwidth(loaded.device))
+                engine_speeds.append(decode_speed(engine, questions=QUESTIONS[:3]))
+            for _ in range(max(1, args.repeats // 2)):
+                generate_speeds.append(generate_speed(loaded, n=n, questions=QUESTIONS[:2]))
+            bandwidth = median(bandwidths)
+            limit = bandwidth / weights
+            out["decode"] = {
+                "bandwidth_gbs": bandwidth / 1e9,
+                "limit_tps": limit,
+                "engine_tps": median(engine_speeds),
+                "generate_tps": median(generate_speeds),
+                "ratio": median(engine_speeds) / limit,
+                "generate_ratio": median(generate_speeds) / limit,
+            }
+            print("decode", out["decode"], flush=True)
+
+            out["concurrency"] = concurrency(engine, repeats=args.repeats)
+            print("concurrency", out["concurrency"], flush=True)
+            out["late_arrival"] = late_arrival(engine, n=n, repeats=args.repeats)
+            print("late arrival", out["late_arrival"], flush=True)
+
+            out["adapter"] = adapter_overhead(loaded, engine, folders[0], n=n, repeats=args.repeats)
+            print("adapter", out["adapter"], flush=True)
+
+        with make_engine(loaded, 16) as engine:
+            engine.answer("warm up", timeout=600)
+            out["swaps"] = swaps_under_load(
+                engine, folders, questions=args.swap_questions, swaps=args.swaps
+            )
+            print("swaps", out["swaps"], flush=True)
+            engine.set_adapter("v0001", folders[0]).result(timeout=600)
+            engine.answer("one more with the adapter", timeout=600)
+            out["memory"] = {"rss_bytes": rss_bytes(), "ratio": rss_bytes() / weights}
+            print("memory", out["memory"], flush=True)
+
+        out["adapter"]["peft_unmerged_ratio"] = peft_unmerged_overhead(loaded, folders[0], n=n)[
+            "ratio"
+        ]
+        print("peft unmerged", out["adapter"]["peft_unmerged_ratio"], flush=True)
+
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

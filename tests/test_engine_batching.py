@@ -1,0 +1,234 @@
+"""Continuous batching and merged adapters on the tiny model with redrawn (random) weights.
+
+What must hold: a question that arrives while others decode joins them at the next step and
+leaves when it is done, and every greedy answer equals the answer the same question gets alone;
+an adapter merged into the weights answers like PEFT's unmerged adapter, comes out again exactly
+enough, and a swap never lands inside an answer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from bot.engine.decoding import DecodeBatch
+from bot.engine.merging import MergedWeights, read_adapter
+from bot.engine.prompt import encode_prompt
+from bot.engine.types import AnswerRequest, EngineError
+from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_adapter, make_engine
+
+
+@pytest.fixture
+def loaded(tiny_model_dir, tmp_path):
+    return load_tiny(tiny_model_dir, tmp_path / "cache")
+
+
+@pytest.fixture
+def adapters(tiny_model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    return {
+        "v0001": make_adapter(tiny_model_dir, cache, tmp_path / "adapters" / "v0001", seed=11),
+        "v0002": make_adapter(tiny_model_dir, cache, tmp_path / "adapters" / "v0002", seed=22),
+    }
+
+
+def singles(loaded, requests, **options) -> list[str]:
+    with make_engine(loaded, batch_size=1, **options) as engine:
+        return [engine.answer(request, timeout=WAIT).text for request in requests]
+
+
+def prompt_ids(loaded, question: str) -> list[int]:
+    return encode_prompt(
+        loaded.tokenizer, AnswerRequest(question), system_prompt="Be brief.", max_input_tokens=256
+    ).input_ids
+
+
+# the decode loop itself
+
+
+def test_rows_that_join_and_leave_decode_like_rows_alone(loaded):
+    """Drive DecodeBatch by hand: staggered joins, rows leaving, padding columns trimmed."""
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+
+    def alone(question: str, steps: int) -> list[int]:
+        batch = DecodeBatch(model, pad_id=pad, device=loaded.device)
+        with torch.inference_mode():
+            tokens = batch.join([prompt_ids(loaded, question)], ["x"]).argmax(-1)
+            out = [int(tokens[0])]
+            for _ in range(steps - 1):
+                tokens = batch.step(tokens).argmax(-1)
+                out.append(int(tokens[0]))
+        return out
+
+    long_q = QUESTIONS[4]  # the longest prompt: when it leaves, padding columns go with it
+    expected = {q: alone(q, 12) for q in (QUESTIONS[0], long_q, QUESTIONS[3])}
+    batch = DecodeBatch(model, pad_id=pad, device=loaded.device)
+    produced: dict[str, list[int]] = {}
+    joins = {0: QUESTIONS[0], 2: long_q, 4: QUESTIONS[3]}  # step -> newcomer
+    widths = []
+    tokens = torch.zeros(0, dtype=torch.long)
+    with torch.inference_mode():
+        for step in range(40):
+            if step in joins:  # the long prompt joins later: the running row gets padded
+                question = joins[step]
+                new = batch.join([prompt_ids(loaded, question)], [question]).argmax(-1)
+                produced[question] = [int(new[0])]
+                tokens = torch.cat([tokens, new])
+            tokens = batch.step(tokens).argmax(-1)
+            keep = []
+            for index, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)):
+                produced[row].append(token)
+                if len(produced[row]) < 12:
+                    keep.append(index)
+            batch.keep(keep)
+            tokens = tokens[keep]
+            widths.append(batch.width)
+            if not batch.rows:
+                break
+    assert produced == expected
+    padded = len(prompt_ids(loaded, long_q))
+    assert max(widths) > padded  # the long row widened the batch...
+    assert 0 < widths[-2] < max(widths)  # ...and its columns left with it
+
+
+def test_a_question_arriving_mid_answer_joins_and_finishes_first(loaded):
+    long_request = AnswerRequest(QUESTIONS[0], max_new_tokens=40)
+    short_request = AnswerRequest(QUESTIONS[1], max_new_tokens=3)
+    options = {"generate_options": {"min_new_tokens": 40}}  # no early stop: the long one is long
+    expected = singles(loaded, [long_request, short_request], **options)
+    with make_engine(loaded, **options) as engine:
+        seen_short_done: list[bool] = []
+        arrived = threading.Event()
+        holder: dict = {}
+
+        def on_partial(text: str) -> None:
+            if "short" not in holder:  # the short question arrives at the long one's first token
+                holder["short"] = engine.submit(short_request)
+                arrived.set()
+            seen_short_done.append(holder["short"].done())
+
+        long_future = engine.submit(long_request, on_partial=on_partial)
+        assert arrived.wait(WAIT)
+        long_result = long_future.result(timeout=WAIT)
+        short_result = holder["short"].result(timeout=WAIT)
+        stats = engine.stats()
+    assert [long_result.text, short_result.text] == expected
+    assert any(seen_short_done) and not all(seen_short_done)  # done while the long one decoded
+    assert stats["batches"] == 2 and stats["answered"] == 2
+    assert short_result.timings.total_s < long_result.timings.total_s
+
+
+def test_staggered_arrivals_with_mixed_limits_equal_single_answers(loaded):
+    """Questions join at different steps (each at the next partial of a driver answer)."""
+    requests = [AnswerRequest(q, max_new_tokens=3 + (5 * i) % 11) for i, q in enumerate(QUESTIONS)]
+    driver = AnswerRequest("Tell me everything about the deploys.", max_new_tokens=30)
+    options = {"generate_options": {"min_new_tokens": 30}}
+    expected = singles(loaded, [driver, *requests], **options)
+    with make_engine(loaded, batch_size=4, **options) as engine:
+        futures: list = []
+
+        def on_partial(text: str) -> None:
+            if len(futures) < len(requests):
+                futures.append(engine.submit(requests[len(futures)]))
+
+        first = engine.submit(driver, on_partial=on_partial)
+        results = [first.result(timeout=WAIT)]
+        while len(futures) < len(requests):  # the driver may finish before all were sent
+            futures.append(engine.submit(requests[len(futures)]))
+        results += [future.result(timeout=WAIT) for future in futures]
+        stats = engine.stats()
+    assert [result.text for result in results] == expected
+    assert stats["batches"] > 2  # they really joined at different steps
+
+
+def test_unsupported_generate_options_are_refused(loaded):
+    with pytest.raises(EngineError, match="decodes greedily"):
+        make_engine(loaded, generate_options={"temperature": 0.7, "do_sample": True})
+
+
+# merged adapters
+
+
+def test_a_merged_adapter_answers_like_the_unmerged_peft_adapter(
+    loaded, adapters, tiny_model_dir, tmp_path
+):
+    from peft import PeftModel
+
+    reference = load_tiny(tiny_model_dir, tmp_path / "cache-ref").model
+    peft_model = PeftModel.from_pretrained(reference, str(adapters["v0001"])).eval()
+    ids = torch.tensor([prompt_ids(loaded, QUESTIONS[0])])
+    weights = MergedWeights(model=loaded.model)
+    weights.apply(read_adapter(adapters["v0001"], version="v0001", base_model=loaded.model))
+    with torch.inference_mode():
+        merged = loaded.model(input_ids=ids).logits
+        unmerged = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():  # the adapter really changes the logits
+            base = peft_model(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-4, rtol=1e-4)
+    assert (merged - unmerged).abs().max() < (unmerged - base).abs().max() / 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmerging_gives_the_base_weights_back(loaded, adapters, dtype):
+    model = loaded.model.to(dtype)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    weights = MergedWeights(model=model)
+    for version in ("v0001", "v0002", "v0001", None):
+        adapter = (
+            None
+            if version is None
+            else read_adapter(adapters[version], version=version, base_model=model)
+        )
+        weights.apply(adapter)
+    changed = max((p - original[name]).abs().max().item() for name, p in model.named_parameters())
+    if dtype == torch.float32:
+        assert changed < 1e-5  # subtracting the delta again: a few ulp
+    else:
+        assert changed == 0  # low precision: the originals are copied back
+
+
+def test_the_engine_hands_back_the_base_weights_when_it_stops(loaded, adapters):
+    original = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    with make_engine(loaded) as engine:
+        engine.set_adapter("v0002", adapters["v0002"]).result(timeout=WAIT)
+        assert engine.answer("hello", timeout=WAIT).adapter_version == "v0002"
+        touched = max(
+            (p - original[name]).abs().max().item() for name, p in loaded.model.named_parameters()
+        )
+        assert touched > 1e-3  # merged into the weights while serving
+    after = max(
+        (p - original[name]).abs().max().item() for name, p in loaded.model.named_parameters()
+    )
+    assert after < 1e-5
+
+
+def test_swaps_under_load_never_split_or_lose_an_answer(loaded, adapters):
+    """Forty questions with ten swaps among them: each answered once, by the version queued
+    before it, with exactly the text that version gives alone."""
+    versions = [None, "v0001", "v0002"]
+    questions = QUESTIONS[:4]
+    reference: dict = {}
+    with make_engine(loaded) as engine:
+        for version in versions:
+            engine.set_adapter(version, adapters.get(version)).result(timeout=WAIT)
+            for q in questions:
+                reference[version, q] = engine.answer(q, timeout=WAIT).text
+    with make_engine(loaded, batch_size=4) as engine:
+        futures, expected, swaps, version = [], [], [], None
+        for index in range(40):
+            if index % 4 == 3:
+                version = versions[(index // 4) % 3]
+                swaps.append(engine.set_adapter(version, adapters.get(version)))
+            question = questions[index % len(questions)]
+            futures.append(engine.submit(question))
+            expected.append((version, question))
+        results = [future.result(timeout=WAIT) for future in futures]
+        for swap in swaps:
+            swap.result(timeout=WAIT)
+        stats = engine.stats()
+    assert [(r.adapter_version, r.text) for r in results] == [
+        (v, reference[v, q]) for v, q in expected
+    ]
+    assert stats["answered"] == 40 and stats["failed"] == 0 and stats["swaps"] == 10
