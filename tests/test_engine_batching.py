@@ -232,3 +232,23 @@ def test_swaps_under_load_never_split_or_lose_an_answer(loaded, adapters):
         (v, reference[v, q]) for v, q in expected
     ]
     assert stats["answered"] == 40 and stats["failed"] == 0 and stats["swaps"] == 10
+
+
+def test_the_shared_prefix_cache_gives_the_logits_of_a_whole_prefill(loaded):
+    prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:4]]
+    common = 0
+    while all(p[common] == prompts[0][common] for p in prompts):
+        common += 1
+    pad = loaded.tokenizer.pad_token_id
+    whole = DecodeBatch(loaded.model, pad_id=pad, device=loaded.device)
+    cached = DecodeBatch(loaded.model, pad_id=pad, device=loaded.device)
+    cached.set_prefix(prompts[0][: common - 1])
+    odd = prompt_ids(loaded, QUESTIONS[4])[::-1]  # does not start with the prefix: prefilled whole
+    with torch.inference_mode():
+        expected = whole.join([*prompts, odd], list(range(5)))
+        got = cached.join([*prompts, odd], list(range(5)))
+        assert cached.rows == whole.rows == list(range(5))
+        assert torch.allclose(got, expected, atol=1e-4)
+        tokens = expected.argmax(-1)
+        assert torch.allclose(cached.step(tokens), whole.step(tokens), atol=1e-4)
+    assert cached._prefix_states is not None  # the four shared the cached prefix

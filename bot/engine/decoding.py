@@ -18,6 +18,14 @@ causal mask comes from the cache length and the 2D padding mask, as in `generate
 decoding with padding masked out gives the same tokens as decoding each row alone (up to float
 rounding; tested).
 
+Prefix caching: every prompt starts with the same system prompt (about two thirds of a short
+question's prompt). `set_prefix` names those shared tokens; their keys and values are computed
+once and copied into each newcomer's cache, so a prefill only runs over the rest of the prompt.
+Within a row the layout is then [prefix][padding][own tokens]: the padding mask is general, and
+positions continue from the prefix. Prompts that do not start with the prefix (team notes change
+the system message) are prefilled whole. The prefix's keys and values depend on the weights:
+`forget_prefix` after an adapter swap.
+
 Only plain `DynamicLayer` caches can be merged this way. A model with sliding-window or other
 special cache layers still works: `can_join` is then False and the worker admits newcomers only
 when the batch is empty (static batching).
@@ -45,6 +53,8 @@ class DecodeBatch:
         self.mask: torch.Tensor | None = None  # (rows, columns) 1 = a real token
         self.positions: torch.Tensor | None = None  # (rows,) the position of the next token
         self.tokens: torch.Tensor | None = None  # (rows,) the last token, fed at the next step
+        self.prefix: tuple[int, ...] = ()  # token ids every prompt is expected to start with
+        self._prefix_states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -60,17 +70,52 @@ class DecodeBatch:
             return True
         return all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
+    def set_prefix(self, ids: Sequence[int]) -> None:
+        if tuple(ids) != self.prefix:
+            self.prefix = tuple(ids)
+            self._prefix_states = None
+
+    def forget_prefix(self) -> None:
+        """Drop the prefix's keys and values (the weights changed); recomputed when next used."""
+        self._prefix_states = None
+
     def join(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any]) -> torch.Tensor:
-        """Prefill `prompts` as one group, merge it into the batch; return their last logits."""
-        width = max(len(ids) for ids in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every row ends in the last column
-            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt) :] = 1
+        """Prefill `prompts` and merge them into the batch; return their last logits.
+
+        The rows are appended in a new order: those starting with the prefix first. The logits
+        follow the order of `self.rows[-len(rows):]`.
+        """
+        size = len(self.prefix)
+        shared = [i for i, ids in enumerate(prompts) if size and len(ids) > size
+                  and tuple(ids[:size]) == self.prefix]  # fmt: skip
+        whole = [i for i in range(len(prompts)) if i not in set(shared)]
+        logits = []
+        for group, skip in ((shared, size), (whole, 0)):
+            if group:
+                logits.append(self._join_group([prompts[i] for i in group], skip=skip))
+                self.rows.extend(rows[i] for i in group)
+        return torch.cat(logits)
+
+    def _join_group(self, prompts: Sequence[Sequence[int]], *, skip: int) -> torch.Tensor:
+        """Prefill one group (their first `skip` tokens from the prefix cache) and merge it."""
+        tails = [list(ids[skip:]) for ids in prompts]
+        width = max(len(ids) for ids in tails)
+        ids = torch.full((len(tails), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(tails), width), dtype=torch.long)
+        for row, tail in enumerate(tails):  # left padding: every row ends in the last column
+            ids[row, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            mask[row, width - len(tail) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        if skip:
+            for layer, (keys, values) in zip(cache.layers, self._prefix_cache(), strict=True):
+                layer.update(
+                    keys.expand(len(tails), -1, -1, -1).contiguous(),
+                    values.expand(len(tails), -1, -1, -1).contiguous(),
+                )
+            prefix_mask = torch.ones((len(tails), skip), dtype=torch.long, device=self.device)
+            mask = torch.cat([prefix_mask, mask], dim=1)
         output = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -84,8 +129,19 @@ class DecodeBatch:
             self.cache, self.mask, self.positions = cache, mask, next_positions
         else:
             self._merge(cache, mask, next_positions)
-        self.rows.extend(rows)
         return output.logits[:, -1, :]
+
+    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._prefix_states is None:
+            cache = DynamicCache(config=self.model.config)
+            self.model(
+                input_ids=torch.tensor([self.prefix], dtype=torch.long, device=self.device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self._prefix_states = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._prefix_states
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its last token (`tokens`, shape (rows,)); return the next logits."""

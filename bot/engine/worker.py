@@ -288,6 +288,7 @@ class AnswerEngine:
         from bot.engine.decoding import DecodeBatch
 
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
+        batch.set_prefix(self._shared_prefix())
         try:
             while True:
                 work = self._next_work(running=len(batch), can_join=batch.can_join)
@@ -295,6 +296,7 @@ class AnswerEngine:
                     return
                 if isinstance(work, _Swap):
                     self._swap(work)
+                    batch.forget_prefix()  # its keys and values came from the old weights
                     continue
                 try:
                     with torch.inference_mode():
@@ -340,10 +342,34 @@ class AnswerEngine:
         started = time.perf_counter()
         for row in rows:
             row.admitted_at = started
-        logits = batch.join(prompts, rows)
+        logits = batch.join(prompts, rows)  # rows sharing the prefix come first
         self._counts["batches"] += 1
         self._counts["last_batch_size"] = len(rows)
-        self._take(batch, rows, logits, offset=len(batch) - len(rows))
+        joined = batch.rows[len(batch) - len(rows) :]
+        self._take(batch, joined, logits, offset=len(batch) - len(rows))
+
+    def _shared_prefix(self) -> list[int]:
+        """The prompt tokens every plain question shares: the system prompt and the template.
+
+        Two prompts that differ only in their question are compared token by token; the common
+        head, less its last token (a merge at the seam could differ for another question).
+        """
+        try:
+            first, second = (
+                encode_prompt(
+                    self.loaded.tokenizer,
+                    AnswerRequest(question=question),
+                    system_prompt=self.system_prompt,
+                    max_input_tokens=self.max_input_tokens,
+                ).input_ids
+                for question in ("What is A?", "Who has 7 cats?")
+            )
+        except EngineError:
+            return []
+        common = 0
+        while common < min(len(first), len(second)) and first[common] == second[common]:
+            common += 1
+        return first[: max(0, common - 1)]
 
     def _step(self, batch) -> None:
         if self._abort.is_set():
