@@ -108,7 +108,11 @@ def main() -> None:
         repeats = "1" if args.quick else "3"
         code, output, _ = run(
             [python, "bench/serving_bench.py", "--repeats", repeats, "--json", str(serving_json)]
-            + (["--new-tokens", "16", "--swap-questions", "20"] if args.quick else []),
+            + (
+                ["--new-tokens", "16", "--swap-questions", "20"]
+                if args.quick
+                else ["--new-tokens", "32"]
+            ),
             timeout=3600,
         )
         serving = json.loads(serving_json.read_text()) if serving_json.exists() else None
