@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from select import select as wait_readable
 
 import pytest
 from sqlmodel import select
@@ -101,17 +102,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(*args: str, env_extra: dict | None = None, **kwargs) -> subprocess.Popen:
+def cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    """`apprentice sandbox …` in a subprocess; stderr goes to cwd/stderr.log (a pipe nobody
+    reads could fill up and stall the child)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPRENTICE_", "SLACK_"))}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "bot", "sandbox", *args],
         env=env,
+        cwd=cwd,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=(cwd / "stderr.log").open("w"),
         text=True,
-        **kwargs,
     )
+
+
+def read_until(process: subprocess.Popen, *, done, timeout: float) -> list[str]:
+    """Lines of the child's stdout until one satisfies `done` (or EOF, or the timeout)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = wait_readable([process.stdout], [], [], 0.5)
+        if not ready:
+            continue
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if done(line):
+            break
+    return lines
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -142,7 +162,8 @@ def test_cli_port_taken_is_a_clear_error_with_exit_code_2(tiny_model_dir, tmp_pa
         taken.listen()
         port = taken.getsockname()[1]
         process = cli("--port", str(port), "--base-model", str(tiny_model_dir), cwd=tmp_path)
-        out, err = process.communicate(timeout=120)
+        out, _ = process.communicate(timeout=120)
+    err = (tmp_path / "stderr.log").read_text()
     assert process.returncode == 2, (out, err)
     assert f"port {port} is taken: pass --port" in err
     assert "Traceback" not in err
@@ -158,15 +179,14 @@ def test_cli_serves_on_loopback_only_and_stops_on_sigterm(tiny_model_dir, tmp_pa
         cwd=tmp_path,
         env_extra={"APPRENTICE_MODEL_CACHE_DIR": str(tmp_path / "cache")},
     )
-    lines = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            assert line, f"the sandbox exited early: {process.stderr.read()}"
-            lines.append(line)
-            if line.startswith("bot ready"):
-                break
+        lines = read_until(
+            process, done=lambda line: line.startswith(("bot ready", "error")), timeout=120
+        )
+        assert lines and lines[-1].startswith("bot ready"), (
+            lines,
+            (tmp_path / "stderr.log").read_text()[-2000:],
+        )
         assert f"open http://127.0.0.1:{port}/" in "".join(lines)
         assert listening_addresses(port) == {"127.0.0.1"}
         status, body = get_json(f"http://127.0.0.1:{port}/api/state?user={MEMBER}")
@@ -174,8 +194,8 @@ def test_cli_serves_on_loopback_only_and_stops_on_sigterm(tiny_model_dir, tmp_pa
         assert not list(tmp_path.glob("*.db")), "the sandbox must not write the default database"
     finally:
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
-    assert process.returncode == 0, err
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, (tmp_path / "stderr.log").read_text()[-2000:]
     assert "stopping" in out
 
 

@@ -1,7 +1,7 @@
 """The sandbox page in headless Chromium, driven like a person would: ask, watch "thinking…"
 become an answer, correct it as the expert through the modal, run `/apprentice status` as the
-admin. Everything behind the page is real (emulator, Bolt over signed HTTP, the tiny model,
-SQLite).
+admin, ask again and get the correction. Everything behind the page is real (the emulator,
+Bolt over signed HTTP, the tiny model, SQLite, retrieval).
 
 Chromium is Debian's package (`scripts/install_browser.sh`), driven by Playwright for Python
 with `executable_path`; `playwright install` is never run. The test skips only when Chromium is
@@ -173,6 +173,16 @@ def test_ask_correct_and_admin_status_in_the_browser(gated_sandbox, page):
     # ...which nobody else sees
     act_as(page, MEMBER)
     expect(page.locator("#messages .msg.ephemeral")).to_have_count(0, timeout=WAIT_MS)
+
+    # the loop closes at once: the same question, asked with /ask, gets the expert's correction
+    page.locator("#thread-close").click()
+    composer.fill("/ask how do we deploy?")
+    composer.press("Enter")
+    expect(page.locator("#messages")).to_contain_text("@alex asked: how do we deploy?")
+    expect(thread).to_be_visible(timeout=WAIT_MS)
+    repeat = thread.locator(".msg.from-bot").last
+    expect(repeat).to_contain_text("Deploys run on Tuesdays at noon", timeout=WAIT_MS)
+    expect(repeat).to_contain_text("Answered from an answer")
 
 
 def test_text_is_rendered_safely_and_app_home_and_dm_work(ready_sandbox, page):

@@ -2,8 +2,10 @@
 
 `Sandbox.start(settings)` does, in this order:
 1. binds the page's port (a taken port fails here, before anything slow);
-2. starts loading the model on a thread (`DeferredEngine`: the first load converts GGUF, ~20 s);
-3. starts the emulator and the real Bolt app over signed HTTP (`bot.slack.local.LocalSlack`);
+2. starts the emulator and the real Bolt app over signed HTTP (`bot.slack.local.LocalSlack`),
+   with retrieval from approved answers as `apprentice run` has it;
+3. starts loading the model on a thread (`DeferredEngine`: the first load converts GGUF, ~20 s);
+   questions asked meanwhile wait for it;
 4. seeds people and channels (`bot.sandbox.seed`) and serves the page.
 
 The bot runs on its embedded defaults, in a data folder of its own (a fresh temporary one unless
@@ -87,9 +89,13 @@ class Sandbox:
         data_dir = Path(data_dir or tempfile.mkdtemp(prefix="apprentice-sandbox-"))
         data_dir.mkdir(parents=True, exist_ok=True)
         settings = sandbox_settings(settings, data_dir=data_dir)
-        engine = DeferredEngine(load=lambda: load_engine(settings)).start()
+        engine = DeferredEngine(load=lambda: load_engine(settings))
         try:
-            local = LocalSlack.start(settings, engine=engine)
+            # retrieval as `apprentice run` has it: corrections answer repeats at once
+            local = LocalSlack.start(settings, engine=engine, retrieval=True)
+            # only now: the embedder above imports transformers too, and two threads importing
+            # it at once can see a half-initialised module ("cannot import name ...")
+            engine.start()
         except BaseException:
             engine.stop()
             page.close()

@@ -35,8 +35,8 @@ PERSONAS = (
 WELCOME = (
     "Welcome to the *Apprentice sandbox*: a local Slack workspace with the bot in it. "
     "Ask a question by mentioning <@{bot}> here, in a DM to Apprentice, or with `/ask …`. "
-    "Then switch to <@UERIN> (expert) to approve or ✏️ correct the answer, and to <@UADA> "
-    "(admin) to try `/apprentice status`."
+    "Then switch to <@UERIN> (expert) to approve or ✏️ correct the answer, ask the same "
+    "question again, and switch to <@UADA> (admin) to try `/apprentice status`."
 )
 
 
