@@ -27,28 +27,10 @@ from bot.sandbox.seed import GENERAL, RANDOM
 from bot.slack import blocks
 from bot.store import session_scope
 from bot.store.models import Question
+from tests.support.tiny_model import tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMBER, EXPERT, ADMIN = "UALEX", "UERIN", "UADA"
-
-
-def tiny_engine(settings):
-    """The tiny model, kept from whitespace-only tokens so its nonsense answers are visible
-    (as in tests/test_slack_e2e.py: otherwise it answers only newlines)."""
-    from bot.engine.loading import load_from_settings
-    from bot.engine.worker import AnswerEngine
-
-    loaded = load_from_settings(settings)
-    tokenizer = loaded.tokenizer
-    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
-    return AnswerEngine(
-        loaded,
-        system_prompt=settings.system_prompt,
-        max_input_tokens=settings.max_input_tokens,
-        max_new_tokens=settings.max_new_tokens,
-        batch_size=settings.batch_size,
-        generate_options={"suppress_tokens": blank},
-    ).start()
 
 
 def start_sandbox(settings, tmp_path, *, load_engine=tiny_engine) -> Sandbox:

@@ -10,35 +10,14 @@ import pytest
 from sqlmodel import select
 
 from bot.engine.types import EngineError
-from bot.engine.worker import AnswerEngine
 from bot.slack import blocks
 from bot.slack.local import LocalSlack
 from bot.store import session_scope
 from bot.store.models import Answer, Question, SlackEvent, Verdict
+from tests.support.tiny_model import tiny_engine
 
 USER, EXPERT, ADMIN, OTHER = "UALICE", "UEXPERT", "UADMIN", "UBOB"
 CHANNEL = "CGENERAL"
-
-
-def tiny_engine(settings) -> AnswerEngine:
-    """The tiny model, kept from whitespace-only tokens so its nonsense answers are visible."""
-    from bot.engine.loading import load_from_settings
-
-    loaded = load_from_settings(settings)
-    tokenizer = loaded.tokenizer
-    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
-    return (
-        AnswerEngine.from_settings(settings, loaded=loaded)
-        .__class__(
-            loaded,
-            system_prompt=settings.system_prompt,
-            max_input_tokens=settings.max_input_tokens,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.batch_size,
-            generate_options={"suppress_tokens": blank},
-        )
-        .start()
-    )
 
 
 def start_slack(settings, **hooks) -> LocalSlack:

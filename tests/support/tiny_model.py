@@ -73,3 +73,23 @@ def build_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = config.pad_token_id
     model.save_pretrained(folder)
     return folder
+
+
+def tiny_engine(settings):
+    """A started engine on the tiny model (`settings.base_model`), kept from whitespace-only
+    tokens: at its random initialisation it repeats the prompt's last token, a newline, so
+    without this every answer would strip to nothing."""
+    from bot.engine.loading import load_from_settings
+    from bot.engine.worker import AnswerEngine
+
+    loaded = load_from_settings(settings)
+    tokenizer = loaded.tokenizer
+    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
+    return AnswerEngine(
+        loaded,
+        system_prompt=settings.system_prompt,
+        max_input_tokens=settings.max_input_tokens,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        generate_options={"suppress_tokens": blank},
+    ).start()
