@@ -185,6 +185,7 @@ def main() -> None:
             ("serving", "1-3, 5, 7 (serving_bench)", "", "failed: " + raw["serving_error"], None)
         )
 
+    write(args.out, rows, raw, quick=args.quick)  # partial results survive a later failure
     ack_command = [python, "bench/ack_bench.py"] + ([] if args.quick else ["--real"])
     code, output, _ = run(ack_command, timeout=1800)
     found = re.search(r"max ack / Slack's .* limit = ([0-9.]+)", output)
@@ -201,6 +202,7 @@ def main() -> None:
         )
     )
 
+    write(args.out, rows, raw, quick=args.quick)
     if args.quick:
         rows.append(("training", "6. serving p50 during a learning cycle ÷ idle", "≤ 1.5×",
                      "not measured (--quick)", None))  # fmt: skip
