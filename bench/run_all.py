@@ -30,9 +30,9 @@ LIMITS = {
     "concurrency": (
         "on 2 CPU cores a decoding step of 8 rows is compute-bound (8 x 135M multiply-adds plus "
         "the 49k-word output projection per row), not weight-bandwidth-bound as batch 1 is; "
-        "the prefill of 8 prompts also runs on the same 2 cores. A bigger core count, bf16/AMX "
-        "matmuls or a GPU moves it; prefix caching of the shared system prompt would cut the "
-        "prefill share"
+        "the prefill of 8 prompts also runs on the same 2 cores. The shared system prompt is "
+        "already prefilled once (prefix cache); more cores, bf16 matmuls (this CPU has "
+        "AVX512-BF16) or a GPU would move it"
     ),
     "decode": (
         "per-step Python and dispatch overhead (30 layers x ~15 small ops at batch 1) and "
