@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,19 +121,23 @@ def split_examples(
 ) -> tuple[list[Example], list[Example]]:
     """(train, held_out), decided per example by a seeded hash of its question.
 
-    The `round(len * eval_fraction)` examples (at least one, never all) with the lowest hash
-    buckets are held out. The choice ignores list order; as the data grows, membership changes
-    only at the margin (a new example with a lower bucket may push an old one back into
-    training, never the other way round while the held-out count stays the same).
+    An example is held out when its hash bucket (uniform in [0, 1)) is below `eval_fraction`,
+    so its side depends on its own question alone: list order and more data never move an
+    example across the line (a trained example must never become an evaluation one). Two
+    fallbacks for small sets: if no bucket falls below the line, the lowest one is held out
+    (at least one, once there are `min_eval_examples`); if every one does, the highest trains.
     Below `min_eval_examples` examples nothing is held out.
     """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), not {eval_fraction}")
     if eval_fraction == 0 or len(examples) < max(2, min_eval_examples):
         return list(examples), []
-    wanted = min(len(examples) - 1, max(1, math.floor(len(examples) * eval_fraction + 0.5)))
-    ranked = sorted(range(len(examples)), key=lambda i: _bucket(examples[i], seed))
-    held = set(ranked[:wanted])
+    buckets = [_bucket(example, seed) for example in examples]
+    held = {i for i, bucket in enumerate(buckets) if bucket < eval_fraction}
+    if not held:
+        held = {min(range(len(examples)), key=buckets.__getitem__)}
+    elif len(held) == len(examples):
+        held.discard(max(range(len(examples)), key=buckets.__getitem__))
     train = [e for i, e in enumerate(examples) if i not in held]
     held_out = [e for i, e in enumerate(examples) if i in held]
     return train, held_out
