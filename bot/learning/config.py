@@ -6,19 +6,38 @@ rebuild, and `bot.adapter_store.files.validate_adapter_folder` refuses a folder 
 differs. The optimisation fields may change between runs; they are recorded so any version can
 be explained and rebuilt.
 
-Defaults come from measurements on SmolLM2-135M-Instruct (12 made-up team facts, 10 trained
-and 2 held out, plus 12 general examples, batch 4, 2 contended CPU cores):
+Defaults come from measurements on SmolLM2-135M-Instruct: the 12 made-up team facts of
+tests/test_real_model.py (10 trained, 2 held out), 2 heavily contended CPU cores (wall times are
+noise; step counts and outcomes are not). Regression = the 20 gate questions, 100 % on the base.
+First series (previous author, 12 general examples, batch 4, fixed steps):
 
-| learning rate | steps | trained facts recalled | regression (20 gate questions) |
-| ------------- | ----- | ---------------------- | ------------------------------ |
-| 2e-4          | 100   | 1 of 6                 | 95 % -> 75 %                   |
-| 5e-4          | 30/45/60 | 10 % / 40 % / 80 %  | 95 % -> 80 % / 80 % / 70 %     |
-| 1e-3          | 80    | 100 %                  | 95 % -> 50 %                   |
+| learning rate | steps | trained facts recalled | regression |
+| ------------- | ----- | ---------------------- | ---------- |
+| 2e-4          | 100   | 1 of 6                 | 95 % -> 75 % |
+| 5e-4          | 30/45/60 | 10 % / 40 % / 80 %  | 95 % -> 80 % / 80 % / 70 % |
+| 1e-3          | 80    | 100 %                  | 95 % -> 50 % |
 
-So on this model learning facts costs general knowledge (shared/NOTES.md reports all-linear r=8
-at 2e-4 learning 20 facts in 80 steps; that did not reproduce here). 5e-4 is the middle; the
-gate refuses a version that forgets more than one regression question, so a bad trade never
-reaches users.
+Second series (replay of the base model's answers + the recall stop, lr 1e-3 unless said;
+"right" = only answers its keywords confirm; held-out loss of the 2 held-out facts, base 1.89):
+
+| lr, replay, batch    | stop                  | steps | recall | regression | held-out loss |
+| -------------------- | --------------------- | ----- | ------ | ---------- | ------------- |
+| 5e-4, 12 right, 4    | none (derived steps)  | 66    | 100 %  | 70 %       | 2.65          |
+| 1e-3, 20 all, 4      | 100 % reproduced      | 45    | 100 %  | 70 %       | 2.75          |
+| 1e-3, 20 right, 4    | 100 % reproduced      | 50    | 100 %  | 75 %       | 3.13          |
+| 1e-3, 20 right, 4    | 70 % reproduced       | 35    | 100 %  | 55 %       | 2.53 (2.21)   |
+| 1e-3, 41 right, 8    | 100 % reproduced      | 40    | 100 %  | 55 %       | 2.98          |
+| 5e-4, 41 right, 8    | 100 % reproduced      | 55    | 100 %  | 65 %       | 2.68          |
+
+Self-distilling WRONG base answers spreads them ("How many hours are in a day? -> A day is a
+day" turned into "How many days are in a week? -> A day is a day"), so the bank keeps only
+answers its keywords confirm. Forgetting shows up as the new facts' names leaking into general
+answers ("The planet we live on is called Tollgate-baton") and as fragile numeric answers
+drifting (boiling point, continents, bicycle wheels), and run-to-run noise is several
+questions. No setting measured learns >= 90 % of the facts while losing at most one gate
+question (and every one raised the held-out loss by more than 30 %); the gate refuses them.
+The defaults are the best row (1e-3, 20 right answers, batch 4, stop at 100 % reproduced):
+full recall with the least forgetting measured.
 """
 
 from __future__ import annotations
@@ -50,8 +69,8 @@ class TrainingConfig:
 
     # Optimisation.
     learning_rate: float = _help(
-        "AdamW learning rate (linear decay, no warm-up); see the table in the module docstring",
-        5e-4,
+        "AdamW learning rate (linear decay, no warm-up); see the tables in the module docstring",
+        1e-3,
     )
     max_steps: int | None = _help(
         "optimizer steps; None = derived from the data size by `steps_for` "
@@ -59,8 +78,8 @@ class TrainingConfig:
         None,
     )
     epochs_target: float = _help(
-        "passes over the training data when max_steps is None (10 facts + 12 general rows "
-        "-> 66 steps)",
+        "passes over the training data when max_steps is None (10 facts + 20 general rows "
+        "-> 90 steps; the recall stop usually ends it earlier)",
         12.0,
     )
     min_steps: int = _help(
@@ -96,11 +115,23 @@ class TrainingConfig:
         0.3,
     )
 
+    # Stopping once the facts are learnt.
+    recall_check_steps: int = _help(
+        "every this many steps, check (one teacher-forced pass over the training facts) "
+        "whether greedy decoding would reproduce them, and stop once recall_stop_share do: "
+        "later steps only add forgetting; 0 = never check",
+        5,
+    )
+    recall_stop_share: float = _help(
+        "share of the training facts that must be reproduced word for word to stop", 1.0
+    )
+
     # Forgetting guard.
     general_mix: int = _help(
         "general question/answer pairs mixed into every training set: the base model's own "
-        "answers to the regression questions, so the adapter keeps what the base knew",
-        12,
+        "right answers to the replay questions (bot.learning.regression), so the adapter keeps "
+        "what the base knew",
+        20,
     )
     seed: int = _help("seed for the split, shuffling, LoRA init and dropout", 1234)
 

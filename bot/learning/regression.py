@@ -10,14 +10,18 @@ holds general-knowledge questions with the keywords a right answer contains, in 
 - `mix`: the base model's own answers to these are mixed into every training set (the trainer's
   `general_mix`), so training keeps pulling the model toward its old behaviour.
 
-Every question was checked against the packaged SmolLM2-135M-Instruct with the default system
-prompt, greedy decoding: it answers all 32 right (8 more candidates it got wrong were dropped).
-Another base model may miss some; the gate compares versions of the same base, so a question it
-never knew costs both sides alike.
+`general_mix.jsonl` adds a larger replay bank (counts, capitals, science, people, words; none
+of them a gate question), also with keywords. Targets are the base model's own greedy answers,
+cut after the sentence with the fact, and only the ones its keywords confirm: self-distilling
+the wrong ones spread them (measured: "How many hours are in a day? -> A day is a day" became
+the answer to "How many days are in a week?"). SmolLM2-135M gets 29 of the 64 bank questions
+right. The answers depend on the base model and the prompt, so `replay_examples` caches them
+per model and prompt in the model cache folder and asks the base only what is not cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -29,6 +33,7 @@ from bot.learning.evaluate import has_keyword
 from bot.learning.examples import Example
 
 REGRESSION_FILE = Path(__file__).with_name("regression.jsonl")
+GENERAL_FILE = Path(__file__).with_name("general_mix.jsonl")
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,11 @@ def load_regression_set(path: Path = REGRESSION_FILE) -> tuple[RegressionItem, .
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            items.append(RegressionItem(row["question"], tuple(row["keywords"]), row["role"]))
+            items.append(
+                RegressionItem(
+                    row["question"], tuple(row.get("keywords", ())), row.get("role", "mix")
+                )
+            )
     return tuple(items)
 
 
@@ -56,7 +65,10 @@ def gate_items() -> tuple[RegressionItem, ...]:
 
 
 def mix_items() -> tuple[RegressionItem, ...]:
-    return tuple(item for item in load_regression_set() if item.role == "mix")
+    """The replay questions in the order they are used: the keyword-checked ones of
+    `regression.jsonl` first, then the bank of `general_mix.jsonl` (no keywords)."""
+    regression = tuple(item for item in load_regression_set() if item.role == "mix")
+    return regression + load_regression_set(GENERAL_FILE)
 
 
 def regression_score(
@@ -83,22 +95,83 @@ def first_sentences(answer: str, keywords: Sequence[str]) -> str:
     return answer.strip()
 
 
+def first_sentence(answer: str) -> str:
+    """`answer` up to its first sentence end (all of it when it has none)."""
+    match = re.search(r"[.!?](?=\s|$)", answer)
+    return (answer[: match.end()] if match else answer).strip()
+
+
 def general_examples(
     answers: Sequence[str], items: Sequence[RegressionItem] | None = None, *, limit: int
 ) -> list[Example]:
     """Training examples from the base model's own `answers` to the mix questions.
 
-    Only right answers are kept (cut after the sentence with the fact), at most `limit`.
+    An item with keywords is kept only when answered right (cut after the sentence with the
+    fact); one without keywords (a bank another deployment may add) keeps the answer's first
+    sentence, whatever it says. At most `limit`.
     """
     items = mix_items() if items is None else tuple(items)
     kept = []
     for item, answer in zip(items, answers, strict=True):
         if len(kept) >= limit:
             break
-        if item.is_right(answer):
-            kept.append(
-                Example(
-                    item.question, first_sentences(answer, item.keywords), id=f"general:{len(kept)}"
-                )
-            )
+        if item.keywords:
+            target = first_sentences(answer, item.keywords) if item.is_right(answer) else ""
+        else:
+            target = first_sentence(answer)
+        if target:
+            kept.append(Example(item.question, target, id=f"general:{len(kept)}"))
     return kept
+
+
+def replay_cache_file(engine, cache_dir: Path) -> Path:
+    """Where the base answers for `engine`'s model and prompt settings are cached."""
+    key = json.dumps(
+        [
+            engine.loaded.name,
+            engine.system_prompt,
+            engine.max_input_tokens,
+            engine.max_new_tokens,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    safe = re.sub(r"[^\w.-]+", "_", str(engine.loaded.name))[-60:]
+    return Path(cache_dir) / "replay-answers" / f"{safe}-{digest}.json"
+
+
+def replay_examples(engine, *, limit: int, cache_dir: Path) -> list[Example]:
+    """Up to `limit` general examples from the base model serving in `engine` (no adapter set).
+
+    Questions are taken in `mix_items()` order; answers come from the cache file when there, and
+    only missing ones are generated (batched), then saved. Generating costs ~0.5 s a question on
+    2 CPU cores, so a first run pays once per model and prompt.
+    """
+    from bot.learning.evaluate import answer_all
+
+    if limit <= 0:
+        return []
+    path = replay_cache_file(engine, cache_dir)
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    items = mix_items()
+    position, kept = 0, []
+    while len(kept) < limit and position < len(items):
+        # ask for just enough: a keyword item the base gets wrong is dropped, so top up
+        chunk = items[position : position + limit - len(kept)]
+        position += len(chunk)
+        missing = [item.question for item in chunk if item.question not in cached]
+        if missing:
+            cached.update(zip(missing, answer_all(engine, missing), strict=True))
+        kept += general_examples(
+            [cached[item.question] for item in chunk], chunk, limit=limit - len(kept)
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass  # a cache it cannot write costs time next run, nothing else
+    return [Example(e.question, e.answer, id=f"general:{n}") for n, e in enumerate(kept)]

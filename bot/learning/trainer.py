@@ -20,7 +20,11 @@ Choices, and why:
   evaluations in a row (overfitting or divergence), and then puts back the LoRA weights of the
   last evaluation that was within tolerance (kept in memory: a few MB). It plays the part of
   transformers' `EarlyStoppingCallback` + `load_best_model_at_end`, without checkpoint files.
-- **Forgetting guard.** General question/answer pairs (the base model's own answers, see
+- **Stop as soon as the facts are learnt.** Forgetting grows with every step (see the tables
+  in `bot.learning.config`), so every `recall_check_steps` steps `RecallStopper` runs one
+  teacher-forced pass over the training facts and stops once `recall_stop_share` of them would
+  come out of greedy decoding word for word (cheaper than generating: one forward pass).
+- **Forgetting guard.** General question/answer pairs (the base model's own right answers, see
   `bot.learning.regression`) are mixed into the training rows.
 - CPU: `bf16=False, use_cpu=True`, no activation checkpointing (twice as fast, shared/NOTES.md).
   No `report_to`; a tqdm bar shows steps and losses; `loss.png` lands beside the adapter.
@@ -195,6 +199,81 @@ def _callbacks():
     return ProgressBar, BestAdapterKeeper
 
 
+def _recall_stopper():
+    """Built lazily, like `_callbacks`."""
+    from transformers import TrainerCallback
+
+    class RecallStopper(TrainerCallback):
+        """Stop once greedy decoding would reproduce enough of the trained facts.
+
+        Every `every` steps (from `min_steps`) one teacher-forced forward pass over the fact
+        rows checks, per row, that the arg-max token equals the answer token at every answer
+        position: exactly what greedy decoding would say. Further steps only add drift (the
+        forgetting measured in `bot.learning.config`), so training stops as soon as `share`
+        of the rows are reproduced.
+        """
+
+        def __init__(self, *, model, rows, every: int, min_steps: int, share: float, pad_id):
+            self.model = model
+            self.rows = rows
+            self.every = every
+            self.min_steps = min_steps
+            self.share = share
+            self.pad_id = pad_id
+            self.checks: list[dict] = []  # {"step", "recalled"} in order
+            self.stopped = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if not self.rows or step < self.min_steps or step % self.every:
+                return
+            recalled = _greedy_recall(self.model, self.rows, pad_id=self.pad_id)
+            self.checks.append({"step": step, "recalled": recalled})
+            if recalled >= self.share - 1e-9:
+                self.stopped = True
+                control.should_training_stop = True
+
+    return RecallStopper
+
+
+def _greedy_recall(model, rows: list[dict], *, pad_id: int, batch_size: int = 16) -> float:
+    """Share of `rows` whose whole answer (labelled tokens) is the model's arg-max continuation."""
+    import torch
+
+    was_training = model.training
+    model.eval()  # no dropout: the check must see what inference sees
+    device = next(model.parameters()).device
+    hits = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                width = max(len(row["input_ids"]) for row in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, row in enumerate(chunk):  # right padding: positions stay as trained
+                    n = len(row["input_ids"])
+                    ids[i, :n] = torch.tensor(row["input_ids"])
+                    labels[i, :n] = torch.tensor(row["labels"])
+                    mask[i, :n] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                predicted = logits[:, :-1].argmax(-1).cpu()
+                target = labels[:, 1:]
+                wrong = (predicted != target) & (target != IGNORE_INDEX)
+                hits += int((~wrong.any(dim=1)).sum())
+    finally:
+        model.train(was_training)
+    return hits / len(rows)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def _lora_state(model) -> dict:
     return {
         name: tensor.detach().clone()
@@ -246,6 +325,7 @@ def train_lora(
     )
     train_rows = build_training_rows(tokenizer, mixed, **row_options)
     eval_rows = build_training_rows(tokenizer, held_out, **row_options)
+    fact_rows = build_training_rows(tokenizer, train, **row_options)  # the recall check's rows
     if not train_rows:
         raise TrainingError(
             f"every training prompt is longer than max_length={config.max_length} tokens"
@@ -268,11 +348,20 @@ def train_lora(
     model = get_peft_model(base, lora)
     work_dir = Path(tempfile.mkdtemp(prefix="trainer-", dir=out_dir.parent))
     ProgressBar, BestAdapterKeeper = _callbacks()
+    RecallStopper = _recall_stopper()
     keeper = BestAdapterKeeper(
         model=model,
         min_steps=min(config.min_steps, steps),
         patience=config.early_stopping_patience,
         tolerance=config.early_stopping_tolerance,
+    )
+    stopper = RecallStopper(
+        model=model,
+        rows=fact_rows if config.recall_check_steps else [],
+        every=max(config.recall_check_steps, 1),
+        min_steps=config.recall_check_steps,
+        share=config.recall_stop_share,
+        pad_id=_pad_id(tokenizer),
     )
     try:
         args = SFTConfig(
@@ -306,7 +395,7 @@ def train_lora(
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
-            callbacks=[ProgressBar(progress), keeper],
+            callbacks=[ProgressBar(progress), keeper, stopper],
         )
         for noisy in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(noisy)
@@ -336,6 +425,7 @@ def train_lora(
             stopped_early=keeper.stopped_early,
             train_rows=len(train_rows),
             planned_steps=steps,
+            extras={"recall_checks": stopper.checks, "stopped_on_recall": stopper.stopped},
         )
     finally:
         model.unload()  # puts the original linear layers back into `base`
