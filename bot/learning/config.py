@@ -18,16 +18,18 @@ First series (previous author, 12 general examples, batch 4, fixed steps):
 | 1e-3          | 80    | 100 %                  | 95 % -> 50 % |
 
 Second series (replay of the base model's answers + the recall stop, lr 1e-3 unless said;
-"right" = only answers its keywords confirm; held-out loss of the 2 held-out facts, base 1.89):
+"right" = only answers its keywords confirm; held-out loss of the 2 held-out facts, base 1.89;
+the last two rows ran after the split changed: 7 facts trained, 5 held out):
 
 | lr, replay, batch    | stop                  | steps | recall | regression | held-out loss |
 | -------------------- | --------------------- | ----- | ------ | ---------- | ------------- |
 | 5e-4, 12 right, 4    | none (derived steps)  | 66    | 100 %  | 70 %       | 2.65          |
 | 1e-3, 20 all, 4      | 100 % reproduced      | 45    | 100 %  | 70 %       | 2.75          |
 | 1e-3, 20 right, 4    | 100 % reproduced      | 50    | 100 %  | 75 %       | 3.13          |
-| 1e-3, 20 right, 4    | 70 % reproduced       | 35    | 100 %  | 55 %       | 2.53 (2.21)   |
+| 1e-3, 20 right, 4    | 70 % reproduced       | 35    | 100 %  | 55 %       | 2.53 (from 2.21) |
 | 1e-3, 41 right, 8    | 100 % reproduced      | 40    | 100 %  | 55 %       | 2.98          |
 | 5e-4, 41 right, 8    | 100 % reproduced      | 55    | 100 %  | 65 %       | 2.68          |
+| defaults, new split  | 100 % reproduced      | 35    | 100 %  | 55 %       | 2.41 (from 2.21) |
 
 Self-distilling WRONG base answers spreads them ("How many hours are in a day? -> A day is a
 day" turned into "How many days are in a week? -> A day is a day"), so the bank keeps only
