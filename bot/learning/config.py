@@ -19,7 +19,7 @@ First series (previous author, 12 general examples, batch 4, fixed steps):
 
 Second series (replay of the base model's answers + the recall stop, lr 1e-3 unless said;
 "right" = only answers its keywords confirm; held-out loss of the 2 held-out facts, base 1.89;
-the last two rows ran after the split changed: 7 facts trained, 5 held out):
+the 70 % row and the last one ran after the split changed: 7 facts trained, 5 held out):
 
 | lr, replay, batch    | stop                  | steps | recall | regression | held-out loss |
 | -------------------- | --------------------- | ----- | ------ | ---------- | ------------- |
