@@ -57,7 +57,7 @@ from bot.adapter_store.registry import AdapterRegistry
 from bot.learning.config import TrainingConfig
 from bot.learning.evaluate import EVAL_MAX_NEW_TOKENS, answer_all, score_recall
 from bot.learning.examples import DataError, Example, dataset_hash, deduplicate, split_examples
-from bot.learning.regression import gate_items, general_examples, mix_items, regression_score
+from bot.learning.regression import gate_items, regression_score, replay_examples
 from bot.store.db import open_database, session_scope
 from bot.store.models import RunState, TrainingRun, utcnow
 
@@ -292,9 +292,9 @@ def _run_cycle(
     _set_phase(db, run_id, "evaluating the active version")
     engine = _evaluation_engine(settings, loaded).start()
     try:
-        mix = mix_items()
-        mix_answers = answer_all(engine, [item.question for item in mix])
-        general = general_examples(mix_answers, mix, limit=config.general_mix)
+        general = replay_examples(
+            engine, limit=config.general_mix, cache_dir=settings.model_cache_dir
+        )
         if active is not None:
             engine.set_adapter(active, registry.path(active)).result()
         before = _ask(engine, active or "the base model", train, held_out)
