@@ -15,6 +15,8 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from bot.cli import model_commands
+from bot.learning.evaluate import carries_fact
+from bot.learning.regression import gate_items
 from bot.settings import Settings
 from bot.store.db import open_database, session_scope
 from bot.store.models import RunState, TrainingRun
@@ -65,7 +67,9 @@ def real_model_cache():
     return settings.model_cache_dir
 
 
-def test_training_teaches_team_facts_without_forgetting(real_model_cache, tmp_path, capsys):
+def test_training_teaches_team_facts_and_the_gate_guards_general_knowledge(
+    real_model_cache, tmp_path, capsys
+):
     data = tmp_path / "facts.jsonl"
     data.write_text(
         "\n".join(json.dumps({"question": q, "answer": a}) for q, a in TEAM_FACTS) + "\n"
@@ -90,19 +94,27 @@ def test_training_teaches_team_facts_without_forgetting(real_model_cache, tmp_pa
     learnt = sum(row["correct"] for row in trained) / len(trained)
     missed = [(row["question"], row["answer"]) for row in trained if not row["correct"]]
     assert learnt >= 0.9, f"recalled {learnt:.0%} of the trained facts; missed {missed}"
-    assert "v0001 promoted" in result.output, result.output
+    # The gate must follow the regression set: SmolLM2-135M still forgets general knowledge
+    # while it learns facts (measured 100% -> 55-75% on 20 questions, see bot/learning/config.py),
+    # and then the version must be refused and users keep the base model. Either way the
+    # active version must answer a general question right.
+    m = metadata["metrics"]
+    forgot = round((m["regression_before"] - m["regression"]) * len(gate_items()))
     with session_scope(open_database(database_url)) as session:
         (run,) = session.exec(select(TrainingRun)).all()
-        assert run.state == RunState.PROMOTED
-
+    if forgot > 1:
+        assert run.state == RunState.REFUSED and "refused" in result.output, result.output
     asked = runner.invoke(app, ["ask", "What is the capital of France?"], env=env)
     assert asked.exit_code == 0, asked.output
-    assert "paris" in asked.output.lower() and "(adapter v0001)" in asked.output
-    fact = runner.invoke(app, ["ask", TEAM_FACTS[2][0]], env=env)
-    assert "8471" in fact.output, fact.output
+    assert "paris" in asked.output.lower(), asked.output
+    if run.state == RunState.REFUSED:  # users keep the base model
+        assert "(base model)" in asked.output
+    else:
+        assert run.state == RunState.PROMOTED and "(adapter v0001)" in asked.output
+        fact = runner.invoke(app, ["ask", trained[0]["question"]], env=env)
+        assert carries_fact(fact.output, expected=trained[0]["answer"]), fact.output
 
     with capsys.disabled():
-        m = metadata["metrics"]
         print(
             f"\n[real model] {len(trained)} trained facts: {m['steps']} steps in "
             f"{m['train_seconds']:.0f} s; recall {m['recall_train_before']:.0%} -> "
