@@ -103,7 +103,8 @@ def test_training_teaches_team_facts_and_the_gate_guards_general_knowledge(
     with session_scope(open_database(database_url)) as session:
         (run,) = session.exec(select(TrainingRun)).all()
     if forgot > 1:
-        assert run.state == RunState.REFUSED and "refused" in result.output, result.output
+        assert run.state == RunState.REFUSED, result.output
+        assert "v0001 not promoted" in result.output, result.output
     asked = runner.invoke(app, ["ask", "What is the capital of France?"], env=env)
     assert asked.exit_code == 0, asked.output
     assert "paris" in asked.output.lower(), asked.output
