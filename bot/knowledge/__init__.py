@@ -7,8 +7,9 @@ does not import torch; `load_embedder()` does.
 
 from bot.knowledge.citations import as_notes, citation, vouched_by
 from bot.knowledge.embedder import Embedder, EmbedderUnavailable, SentenceEmbedder, load_embedder
-from bot.knowledge.entries import KnowledgeEntry, current_entries, normalise_question
+from bot.knowledge.entries import KnowledgeEntry, current_entries
 from bot.knowledge.index import Hit, KnowledgeBase, RefreshReport
+from bot.store.question_keys import normalise_question
 
 __all__ = [
     "Embedder",

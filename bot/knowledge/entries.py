@@ -26,8 +26,6 @@ step when the rules change.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -35,13 +33,10 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from bot.store.models import Answer, Question, Verdict, VerdictKind
+from bot.store.question_keys import normalise_question
 
 PUBLIC_CHANNEL_TYPE = "channel"
 EXPERT_KINDS = (VerdictKind.APPROVE.value, VerdictKind.CORRECT.value, VerdictKind.REJECT.value)
-
-_MENTION = re.compile(r"<[@#!][^>]*>")  # <@U123>, <#C123|general>, <!here>
-_LINK = re.compile(r"<((?:https?|mailto):[^>|]+)(?:\|([^>]*))?>")
-_WORD = re.compile(r"\w+(?:['’.]\w+)*")  # keeps "what's" and "3.11" whole
 
 
 @dataclass(frozen=True)
@@ -79,19 +74,6 @@ class KnowledgeEntry:
 
 def _scope(channel_type: str | None, channel_id: str | None) -> tuple[bool, str | None]:
     return (True, None) if channel_type == PUBLIC_CHANNEL_TYPE else (False, channel_id)
-
-
-def clean_question(text: str) -> str:
-    """The question as a person reads it: Slack mentions dropped, links as their labels."""
-    text = _LINK.sub(lambda m: m.group(2) or m.group(1), text)
-    text = _MENTION.sub(" ", text)
-    return " ".join(text.split())
-
-
-def normalise_question(text: str) -> str:
-    """A key under which rewordings by case, spacing and punctuation compare equal."""
-    text = unicodedata.normalize("NFKC", clean_question(text)).casefold()
-    return " ".join(_WORD.findall(text.replace("’", "'")))
 
 
 def current_entries(*, session: Session) -> list[KnowledgeEntry]:

@@ -44,15 +44,10 @@ from sqlmodel import col, select
 
 from bot.knowledge.citations import as_notes, citation
 from bot.knowledge.embedder import Embedder
-from bot.knowledge.entries import (
-    EXPERT_KINDS,
-    KnowledgeEntry,
-    clean_question,
-    current_entries,
-    normalise_question,
-)
+from bot.knowledge.entries import EXPERT_KINDS, KnowledgeEntry, current_entries
 from bot.store.db import session_scope
 from bot.store.models import Verdict
+from bot.store.question_keys import clean_question, normalise_question
 
 __all__ = ["Hit", "KnowledgeBase", "RefreshReport", "as_notes", "citation"]
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from bot.learning.examples import Example, dataset_hash, split_examples
 from bot.learning.scrub import scrub
 from bot.settings import Settings
 from bot.store.models import Answer, ChannelSetting, Question, Verdict, VerdictKind, utcnow
+from bot.store.question_keys import normalise_question
 
 EXPERT_KINDS = (VerdictKind.APPROVE.value, VerdictKind.CORRECT.value, VerdictKind.REJECT.value)
 SIGNAL_KINDS = (VerdictKind.UP.value, VerdictKind.DOWN.value)
@@ -109,13 +109,6 @@ def clean_question(text: str) -> str:
         if not match:
             return text
         text = text[match.end() :]
-
-
-def normalise_question(text: str) -> str:
-    """The key two askings of the same question share: case, spacing, mentions, punctuation."""
-    text = unicodedata.normalize("NFKC", text)
-    text = _MENTION.sub(" ", text).casefold()
-    return " ".join(text.split()).strip(_EDGE_PUNCTUATION)
 
 
 # --- building ----------------------------------------------------------------------------
