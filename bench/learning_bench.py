@@ -144,7 +144,6 @@ def use_retrieval(bot: LocalSlack, knowledge) -> None:
     """Turn retrieval on (a knowledge base) or off (None) in the running bot: the dispatcher
     holds its own reference, taken when the app was created."""
     bot.services.knowledge = knowledge
-    bot.services.dispatcher.knowledge = knowledge
 
 
 def share(flags: list[bool]) -> float:

@@ -4,8 +4,8 @@
 runs of dead processes failed), model and engine, the adapter follower (every replica swaps to
 the active version), the Slack app, the learning schedule — and `Bot.close()` undoes it in
 reverse (a cycle this process runs is stopped; its run ends failed, nothing is promoted).
-Parts written elsewhere (the adapter registry and follower, the learning hooks) are picked up
-when present and skipped with a log line when not, so the bot runs at every stage.
+`attach_learning(services)` gives any `Services` (the sandbox's and the tests' too) the same
+adapter registry and learning hooks `apprentice run` has.
 """
 
 from __future__ import annotations
@@ -22,36 +22,29 @@ from bot.slack.services import Services
 log = logging.getLogger(__name__)
 
 
-def _optional(module: str, name: str):
-    try:
-        return getattr(__import__(module, fromlist=[name]), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def build_services(settings: Settings) -> Services:
-    """Open the database, load the model and start the engine; the learning hooks if present."""
+    """Open the database, load the model and start the engine, with the learning hooks."""
     from bot.engine.worker import AnswerEngine
     from bot.store import open_database
 
     db = open_database(settings.database_url)
     recover_interrupted_runs(settings, db)
     engine = AnswerEngine.from_settings(settings).start()
-    registry = None
-    registry_cls = _optional("bot.adapter_store.registry", "AdapterRegistry")
-    if registry_cls is not None:
-        registry = registry_cls(db=db, root=settings.adapters_dir)
-    else:
-        log.info("adapter store not installed: /apprentice adapters and rollback are off")
-    return Services(
-        settings=settings,
-        db=db,
-        engine=engine,
-        registry=registry,
-        run_training=_training_hook(settings, db),
-        export_dataset=_export_hook(settings, db),
-        knowledge=build_knowledge(settings, db=db),
+    services = Services(
+        settings=settings, db=db, engine=engine, knowledge=build_knowledge(settings, db=db)
     )
+    return attach_learning(services)
+
+
+def attach_learning(services: Services) -> Services:
+    """Give `services` the adapter registry and the hooks `/apprentice train` and
+    `/apprentice export` call: a cycle in a child process, a scrubbed JSONL export."""
+    from bot.adapter_store.registry import AdapterRegistry
+
+    services.registry = AdapterRegistry(db=services.db, root=services.settings.adapters_dir)
+    services.run_training = training_hook(services.settings, services.db)
+    services.export_dataset = export_hook(services.settings, services.db)
+    return services
 
 
 def build_knowledge(settings: Settings, *, db):
@@ -84,12 +77,10 @@ def build_knowledge(settings: Settings, *, db):
     return knowledge
 
 
-def _training_hook(settings: Settings, db):
+def training_hook(settings: Settings, db):
     """`run_training(trigger, actor)`: start a cycle in the background and return its handle
     (`run_id`, `wait()`); raises `LockBusy` when one is running anywhere."""
-    start_cycle = _optional("bot.learning.cycle", "start_cycle")
-    if start_cycle is None:
-        return None
+    from bot.learning.cycle import start_cycle
 
     def run_training(trigger: str, actor: str | None = None):
         return start_cycle(settings=settings, db=db, trigger=trigger, actor=actor)
@@ -97,10 +88,9 @@ def _training_hook(settings: Settings, db):
     return run_training
 
 
-def _export_hook(settings: Settings, db):
-    export = _optional("bot.learning.export", "export_dataset")
-    if export is None:
-        return None
+def export_hook(settings: Settings, db):
+    """`export_dataset(user_id, channel_id)`: the training set as scrubbed chat JSONL."""
+    from bot.learning.export import export_dataset as export
 
     def export_dataset(user_id: str | None = None, channel_id: str | None = None):
         return export(settings=settings, db=db, user_id=user_id, channel_id=channel_id)
@@ -113,23 +103,21 @@ SCHEDULED_CYCLE = "bot.learning.cycle:scheduled_cycle"
 
 def recover_interrupted_runs(settings: Settings, db) -> None:
     """Runs left "running" by a process that died (kill -9, power cut) are marked failed."""
-    recover = _optional("bot.learning.cycle", "recover_interrupted_runs")
-    if recover is not None:
-        try:
-            recover(db=db, settings=settings)
-        except Exception:  # a start-up nicety: never keep the bot from answering
-            log.exception("could not check for interrupted training runs")
+    from bot.learning.cycle import recover_interrupted_runs as recover
+
+    try:
+        recover(db=db, settings=settings)
+    except Exception:  # a start-up nicety: never keep the bot from answering
+        log.exception("could not check for interrupted training runs")
 
 
 def start_scheduler(settings: Settings):
-    """The learning schedule (cron + verdict threshold), started; None when not installed.
+    """The learning schedule (cron + verdict threshold), started.
 
     `settings` must be the ones the bot talks to Slack with: the cycle's report uses them.
     """
-    build_scheduler = _optional("bot.scheduler", "build_scheduler")
-    if build_scheduler is None or _optional("bot.learning.cycle", "scheduled_cycle") is None:
-        log.info("learning schedule not installed: train with `apprentice train`")
-        return None
+    from bot.scheduler import build_scheduler
+
     scheduler = build_scheduler(
         settings=settings, db_url=settings.database_url, run_cycle=SCHEDULED_CYCLE
     )
@@ -151,9 +139,9 @@ def stop_learning(scheduler) -> None:
             scheduler.shutdown(wait=False)
         except Exception:
             log.exception("could not stop the learning schedule")
-    stop = _optional("bot.learning.cycle", "stop_running_cycles")
-    if stop is not None:
-        stop()
+    from bot.learning.cycle import stop_running_cycles
+
+    stop_running_cycles()
 
 
 @dataclass
@@ -211,22 +199,14 @@ class Bot:
 
 
 def start_follower(services: Services, settings: Settings):
-    follower_cls = _optional("bot.adapter_store.follower", "AdapterFollower")
-    if follower_cls is None:
-        log.info("adapter follower not installed: the bot keeps the adapter it started with")
-        return None
-    registry = services.registry
-    if registry is None:
-        from bot.adapter_store.registry import AdapterRegistry
+    """Every replica follows the active-version pointer and swaps its engine to it."""
+    from bot.adapter_store.follower import AdapterFollower
+    from bot.adapter_store.registry import AdapterRegistry
 
-        registry = AdapterRegistry(db=services.db, root=settings.adapters_dir)
-    try:
-        follower = follower_cls(
-            registry=registry, engine=services.engine, poll_s=settings.adapter_poll_s
-        )
-    except TypeError as exc:  # an API this build does not know: run without hot swaps
-        log.warning("adapter follower not started: %s", exc)
-        return None
+    registry = services.registry or AdapterRegistry(db=services.db, root=settings.adapters_dir)
+    follower = AdapterFollower(
+        registry=registry, engine=services.engine, poll_s=settings.adapter_poll_s
+    )
     follower.start()
     return follower
 

@@ -61,8 +61,7 @@ def bot(make_settings, sqlite_url):
     local.emulator.add_channel(ADMIN_CHANNEL, name="apprentice-admin", members=[ADMIN, "UBOT"])
     services = local.services
     services.registry = AdapterRegistry(db=services.db, root=local.settings.adapters_dir)
-    services.run_training = runtime._training_hook(local.settings, services.db)
-    services.export_dataset = runtime._export_hook(local.settings, services.db)
+    runtime.attach_learning(services)
     local.follower = runtime.start_follower(services, local.settings)
     local.scheduler = None
     yield local
@@ -205,7 +204,7 @@ def test_a_second_cycle_is_refused_and_a_killed_child_fails_its_run(bot):
     slow = bot.settings.model_copy(
         update={"train_overrides": {**FAST, "max_steps": 100_000, "learning_rate": 1e-4}}
     )
-    bot.services.run_training = runtime._training_hook(slow, bot.services.db)
+    bot.services.run_training = runtime.training_hook(slow, bot.services.db)
     reply = admin(bot, "train")
     assert "Started training run #1" in reply and f"<#{ADMIN_CHANNEL}>" in reply
 

@@ -157,6 +157,18 @@ def test_a_correction_is_cited_for_a_reworded_question_and_reaches_the_prompt(sl
     assert "chat.getPermalink" in methods and manifest_spec.required_scopes(methods)
 
 
+def test_retrieval_switched_off_on_the_services_takes_effect_at_once(slack):
+    seen = record_requests(slack)
+    _, first = ask_and_wait(slack, text=f"<@UBOT> {BILLING}")
+    correct(slack, first, BILLING_FACT)
+    knowledge, slack.services.knowledge = slack.services.knowledge, None
+    _, second = ask_and_wait(slack, text=f"<@UBOT> {BILLING_REWORDED}")
+    assert seen[1].notes == () and citations(second) == []
+    slack.services.knowledge = knowledge  # and back on, without a restart
+    _, third = ask_and_wait(slack, text=f"<@UBOT> {BILLING_REWORDED}")
+    assert [note.answer for note in seen[2].notes] == [BILLING_FACT] and citations(third)
+
+
 def test_private_channel_knowledge_stays_in_its_channel(slack):
     seen = record_requests(slack)
     _, first = ask_and_wait(slack, channel=SECRET, text=f"<@UBOT> {DOOR}")

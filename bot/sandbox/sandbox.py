@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bot.runtime import attach_learning
 from bot.sandbox import actions, state
 from bot.sandbox.deferred import FAILED, READY, STARTING, DeferredEngine
 from bot.sandbox.seed import ADMIN, EXPERT, persona, role_ids, seed_workspace
@@ -104,7 +105,7 @@ class Sandbox:
             raise
         sandbox = cls(page=page, local=local, engine=engine, data_dir=data_dir, _owns_data_dir=owns)
         try:
-            _attach_learning(local.services)
+            attach_learning(local.services)
             seed_workspace(local.emulator)
         except BaseException:
             sandbox.close()
@@ -160,18 +161,3 @@ class Sandbox:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _attach_learning(services) -> None:
-    """The adapter registry and the learning hooks, when this build has them (as `run` does)."""
-    from bot import runtime
-
-    settings = services.settings
-    registry_cls = runtime._optional("bot.adapter_store.registry", "AdapterRegistry")
-    if registry_cls is not None:
-        try:
-            services.registry = registry_cls(db=services.db, root=settings.adapters_dir)
-        except TypeError as exc:  # another build's API: run without /apprentice adapters
-            log.info("sandbox: adapter registry not attached: %s", exc)
-    services.run_training = runtime._training_hook(settings, services.db)
-    services.export_dataset = runtime._export_hook(settings, services.db)

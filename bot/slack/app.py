@@ -65,7 +65,7 @@ def register(app: App, settings: Settings | None = None, services: Services | No
             engine=services.engine,
             metrics=services.metrics,
             timeout_s=settings.answer_timeout_s,
-            knowledge=services.knowledge,
+            knowledge=lambda: services.knowledge,
             retrieval_k=settings.retrieval_k,
         )
     register_all(app, services)

@@ -103,7 +103,9 @@ class AnswerDispatcher:
         self.db = db
         self.engine = engine
         self.metrics = metrics
-        self.knowledge = knowledge  # bot.knowledge.KnowledgeBase, or None: no retrieval
+        # bot.knowledge.KnowledgeBase, None (no retrieval), or a function returning either:
+        # the app passes one reading `services.knowledge`, so retrieval can be switched live
+        self._knowledge = knowledge if callable(knowledge) else (lambda: knowledge)
         self.retrieval_k = retrieval_k
         self.permalinks = citing.Permalinks(client=client)
         self.update_interval_s = update_interval_s
@@ -115,6 +117,10 @@ class AnswerDispatcher:
         self._closing = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="answer-ticker", daemon=True)
         self._ticker.start()
+
+    @property
+    def knowledge(self):
+        return self._knowledge()
 
     # -- public ----------------------------------------------------------------------------
 
@@ -158,8 +164,9 @@ class AnswerDispatcher:
         def on_partial(text: str) -> None:
             job.partial = text  # the ticker pushes it; never do I/O on the engine thread
 
-        if self.knowledge is not None:
-            self._retrieve(job)
+        knowledge = self.knowledge  # read once: it may be switched while this job runs
+        if knowledge is not None:
+            self._retrieve(job, knowledge)
             if job.finished:  # timed out while retrieving: the asker was already told
                 return
             if job.exact is not None:  # the approved text itself, no model involved
@@ -175,16 +182,16 @@ class AnswerDispatcher:
             return
         job.future.add_done_callback(lambda future: self._submit(self._finish_future, job))
 
-    def _retrieve(self, job: AnswerJob) -> None:
+    def _retrieve(self, job: AnswerJob, knowledge) -> None:
         """Find the approved answers this question may use; fills `job.exact` or the notes."""
         question = job.request.question
         try:
-            self.knowledge.refresh()
+            knowledge.refresh()
             if not job.request.history:
-                job.exact = self.knowledge.exact_match(question, channel_id=job.channel)
+                job.exact = knowledge.exact_match(question, channel_id=job.channel)
                 if job.exact is not None:
                     return
-            hits = self.knowledge.search(question, channel_id=job.channel, k=self.retrieval_k)
+            hits = knowledge.search(question, channel_id=job.channel, k=self.retrieval_k)
         except Exception:
             log.warning(
                 "retrieval failed for answer %s; answering without it", job.answer_id, exc_info=True
