@@ -5,7 +5,7 @@ question wrong, an expert corrects it in Slack, the scheduler's verdict threshol
 a cycle, the new version becomes active in the running bot (the follower swaps), the same
 question now carries the corrected fact, and `/apprentice rollback` brings the old answer back.
 One example means no held-out set: the gate rests on fact recall and the regression set, and
-the general mix (the base model's own answers) keeps the adapter from forgetting.
+the replay mix and the anchor (the base model's own answers) keep the adapter from forgetting.
 
 Slow (a few minutes on 2 CPU cores): `pytest -m real_model tests/test_cycle_real.py`.
 """
@@ -107,19 +107,9 @@ def test_a_correction_becomes_the_running_bots_answer_and_rollback_undoes_it(
         m = run.metrics
         assert run.trigger == "verdicts" and m["held_out_examples"] == 0
         assert m["recall_train"] == 1.0, m.get("reasons")  # the candidate learnt the fact
-        if run.state == RunState.REFUSED:
-            # SmolLM2-135M still forgets general knowledge while learning (see
-            # bot/learning/config.py): the gate must keep it from users…
-            assert m["regression"] < m["regression_before"], m.get("reasons")
-            time.sleep(2 * settings.adapter_poll_s)
-            assert services.engine.active_version is None
-            _, kept = ask_and_wait(bot, text=f"<@UBOT> {QUESTION}")
-            assert answer_text(bot, kept) == before
-            # …and an admin may still promote the refused version by name: the running bot
-            # swaps to it, which exercises the rest of the loop on the real model.
-            services.registry.promote(run.version, actor=ADMIN, reason="promoted by hand")
-        else:
-            assert run.state == RunState.PROMOTED, (run.error, m.get("reasons"))
+        # the anchor keeps general knowledge (bot/learning/config.py), so the gate passes it
+        assert run.state == RunState.PROMOTED, (run.error, m.get("reasons"))
+        assert m["regression"] >= m["regression_before"] - 0.05, m.get("reasons")
 
         emulator.wait_until(
             lambda: services.engine.active_version == run.version,

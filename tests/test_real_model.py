@@ -1,8 +1,9 @@
 """Behaviour on the real default model (SmolLM2-135M-Instruct): the adapter learns team facts.
 
 Slow (minutes on 2 CPU cores): run with `pytest -m real_model`. The facts are made up, so the
-base model cannot know them; the test checks that it did not, that the promoted version does,
-and that a general question is still answered right.
+base model cannot know them; the test checks that it did not, that the gate promotes the new
+version, that it answers them (through `apprentice ask`) and that a general question is still
+answered right.
 """
 
 from __future__ import annotations
@@ -94,26 +95,28 @@ def test_training_teaches_team_facts_and_the_gate_guards_general_knowledge(
     learnt = sum(row["correct"] for row in trained) / len(trained)
     missed = [(row["question"], row["answer"]) for row in trained if not row["correct"]]
     assert learnt >= 0.9, f"recalled {learnt:.0%} of the trained facts; missed {missed}"
-    # The gate must follow the regression set: SmolLM2-135M still forgets general knowledge
-    # while it learns facts (measured 100% -> 55-75% on 20 questions, see bot/learning/config.py),
-    # and then the version must be refused and users keep the base model. Either way the
-    # active version must answer a general question right.
+    # The anchor keeps what the base model knew (bot/learning/config.py: without it this set
+    # lost 5-9 of the 20 general questions), so the gate promotes the version.
     m = metadata["metrics"]
-    forgot = round((m["regression_before"] - m["regression"]) * len(gate_items()))
     with session_scope(open_database(database_url)) as session:
         (run,) = session.exec(select(TrainingRun)).all()
-    if forgot > 1:
-        assert run.state == RunState.REFUSED, result.output
-        assert "v0001 not promoted" in result.output, result.output
+    assert run.state == RunState.PROMOTED, (result.output, m)
+    forgot = round((m["regression_before"] - m["regression"]) * len(gate_items()))
+    assert forgot <= 1, m
+    assert "v0001 promoted" in result.output, result.output
+
+    # `apprentice ask`: the new version answers the facts the base model did not know…
+    for row in trained[:3]:
+        asked = runner.invoke(app, ["ask", row["question"]], env=env)
+        assert asked.exit_code == 0, asked.output
+        assert "(adapter v0001)" in asked.output, asked.output
+        assert carries_fact(asked.output, expected=row["expected"], question=row["question"]), (
+            asked.output
+        )
+    # …and still answers a general question right
     asked = runner.invoke(app, ["ask", "What is the capital of France?"], env=env)
     assert asked.exit_code == 0, asked.output
-    assert "paris" in asked.output.lower(), asked.output
-    if run.state == RunState.REFUSED:  # users keep the base model
-        assert "(base model)" in asked.output
-    else:
-        assert run.state == RunState.PROMOTED and "(adapter v0001)" in asked.output
-        fact = runner.invoke(app, ["ask", trained[0]["question"]], env=env)
-        assert carries_fact(fact.output, expected=trained[0]["answer"]), fact.output
+    assert "paris" in asked.output.lower() and "(adapter v0001)" in asked.output, asked.output
 
     with capsys.disabled():
         print(

@@ -91,3 +91,97 @@ def test_greedy_recall_is_what_greedy_decoding_would_say(tiny_loaded):
     assert _greedy_recall(model, [wrong], pad_id=0) == 0.0
     assert _greedy_recall(model, [right, wrong, short], pad_id=0) == pytest.approx(2 / 3)
     assert not model.training
+
+
+def _anchor_rows(loaded, examples):
+    from bot.learning.trainer import build_training_rows
+
+    return build_training_rows(
+        loaded.tokenizer, examples, system_prompt="Be brief.", max_input_tokens=256, max_length=256
+    )
+
+
+ANCHORS = [
+    Example("What is the capital of France?", "The capital of France is Paris."),
+    Example("How many days are in a week?", "There are seven days in a week."),
+    Example("What colour is the sky?", "The sky is blue on a clear day."),
+    Example("How many legs does a spider have?", "A spider has eight legs."),
+]
+
+
+def _kl_on(loaded, adapter_dir, rows) -> float:
+    """KL(base || base + the saved adapter) on `rows`' answer tokens."""
+    import torch
+    from peft import PeftModel
+
+    from bot.learning.pipeline import remove_lora_layers
+    from bot.learning.trainer import _padded, anchor_kl
+
+    model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    try:
+        model.eval()
+        ids, mask, labels = _padded(rows, pad_id=0, device="cpu")
+        with torch.no_grad():
+            return float(anchor_kl(model, ids, mask, labels))
+    finally:
+        remove_lora_layers(loaded.model)
+
+
+def test_anchor_kl_is_zero_for_an_untrained_adapter_and_positive_once_it_moves(tiny_loaded):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from bot.learning.pipeline import remove_lora_layers
+    from bot.learning.trainer import _padded, anchor_kl
+
+    rows = _anchor_rows(tiny_loaded, ANCHORS)
+    model = get_peft_model(tiny_loaded.model, LoraConfig(r=4, target_modules="all-linear"))
+    try:
+        model.eval()
+        ids, mask, labels = _padded(rows, pad_id=0, device="cpu")
+        with torch.no_grad():
+            assert float(anchor_kl(model, ids, mask, labels)) == pytest.approx(0.0, abs=1e-6)
+            for name, weight in model.named_parameters():
+                if "lora_B" in name:
+                    weight.add_(0.05)  # LoRA's B starts at zero: move it
+            assert float(anchor_kl(model, ids, mask, labels)) > 1e-3
+    finally:
+        remove_lora_layers(tiny_loaded.model)
+
+
+def test_training_with_the_anchor_stays_closer_to_the_base_model(tiny_loaded, tmp_path):
+    from bot.learning.config import TrainingConfig
+    from bot.learning.trainer import train_lora
+
+    facts = [Example(f"What is code {i}?", f"Code {i} is zeta-{i * 7}.") for i in range(6)]
+    rows = _anchor_rows(tiny_loaded, ANCHORS)
+    kl, outputs = {}, {}
+    for weight in (0.0, 10.0):
+        config = TrainingConfig(
+            max_steps=20,
+            learning_rate=5e-3,
+            recall_check_steps=0,
+            early_stopping_patience=0,
+            general_mix=0,
+            anchor_weight=weight,
+            anchor_batch_size=2,
+        )
+        out = train_lora(
+            loaded=tiny_loaded,
+            train=facts,
+            held_out=[],
+            config=config,
+            out_dir=tmp_path / f"w{weight}",
+            progress=False,
+            anchors=ANCHORS,
+            system_prompt="Be brief.",
+            max_input_tokens=256,
+        )
+        outputs[weight] = out
+        kl[weight] = _kl_on(tiny_loaded, out.adapter_dir, rows)
+    assert outputs[0.0].extras["anchor_kl"] == [] and outputs[0.0].extras["anchor_rows"] == 0
+    history = outputs[10.0].extras["anchor_kl"]
+    assert outputs[10.0].extras["anchor_rows"] == len(ANCHORS)
+    assert [row["step"] for row in history] == list(range(1, 21))
+    assert history[0]["anchor_kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero
+    assert kl[10.0] < kl[0.0] / 2, kl

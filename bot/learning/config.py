@@ -35,11 +35,26 @@ Self-distilling WRONG base answers spreads them ("How many hours are in a day? -
 day" turned into "How many days are in a week? -> A day is a day"), so the bank keeps only
 answers its keywords confirm. Forgetting shows up as the new facts' names leaking into general
 answers ("The planet we live on is called Tollgate-baton") and as fragile numeric answers
-drifting (boiling point, continents, bicycle wheels), and run-to-run noise is several
-questions. No setting measured learns >= 90 % of the facts while losing at most one gate
-question (and every one raised the held-out loss by more than 30 %); the gate refuses them.
-The defaults are the best row (1e-3, 20 right answers, batch 4, stop at 100 % reproduced):
-full recall with the least forgetting measured.
+drifting (boiling point, continents, bicycle wheels). No setting of those two series learnt
+>= 90 % of the facts while losing at most one gate question.
+
+Third series: the anchor (`anchor_weight`, `bot.learning.trainer.AnchoredSFTTrainer`): a KL
+term that holds the adapted model's whole next-token distribution near the base model's on 40
+replay answers (4 per step), on top of the SFT loss. Same 12 facts (7 trained, 5 held out), lr
+1e-3, batch 4, 20 replay rows, recall stop; `python bench/forgetting_probe.py --set
+'{"anchor_weight": 0}' --set '{"anchor_weight": 1}' --set '{"anchor_weight": 5}'`:
+
+| anchor weight | steps | recall (trained) | regression | held-out loss (base 2.21) | gate |
+| ------------- | ----- | ---------------- | ---------- | ------------------------- | ---- |
+| 0 (off)       | 35    | 100 %            | 55 %       | 2.41                      | refused |
+| 1             | 50    | 100 %            | 95 %       | 1.95                      | passed  |
+| 5             | 81    | 57 %             | 95 %       | 1.94                      | passed * |
+
+(* recall over all 12, trained and held out: 33 %, against 58 % at weight 1.)
+The anchor removes the forgetting (the leaked names and drifted numbers are gone: one gate
+question of twenty wobbles) and the held-out loss falls instead of rising; too strong an
+anchor stops the facts from being learnt. Default 1. It costs one more forward and backward
+pass of 4 short rows per step (~1.5-2x the time per step).
 """
 
 from __future__ import annotations
@@ -135,6 +150,18 @@ class TrainingConfig:
         "what the base knew",
         20,
     )
+    anchor_weight: float = _help(
+        "weight of the anchor term: KL divergence from the base model's next-token "
+        "distribution on the replay answers, added to every training step's loss "
+        "(`bot.learning.trainer.AnchoredSFTTrainer`); 0 = off. See the third table above",
+        1.0,
+    )
+    anchor_rows: int = _help(
+        "replay questions the anchor term cycles through (the base model's own answers, "
+        "right or not: the anchor keeps its distribution, it does not teach)",
+        40,
+    )
+    anchor_batch_size: int = _help("anchor rows per training step", 4)
     seed: int = _help("seed for the split, shuffling, LoRA init and dropout", 1234)
 
     def steps_for(self, n_train: int) -> int:

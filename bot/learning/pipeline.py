@@ -57,7 +57,12 @@ from bot.adapter_store.registry import AdapterRegistry
 from bot.learning.config import TrainingConfig
 from bot.learning.evaluate import EVAL_MAX_NEW_TOKENS, answer_all, score_recall
 from bot.learning.examples import DataError, Example, dataset_hash, deduplicate, split_examples
-from bot.learning.regression import gate_items, regression_score, replay_examples
+from bot.learning.regression import (
+    anchor_examples,
+    gate_items,
+    regression_score,
+    replay_examples,
+)
 from bot.store.db import open_database, session_scope
 from bot.store.models import RunState, TrainingRun, utcnow
 
@@ -295,6 +300,11 @@ def _run_cycle(
         general = replay_examples(
             engine, limit=config.general_mix, cache_dir=settings.model_cache_dir
         )
+        anchors = (
+            anchor_examples(engine, limit=config.anchor_rows, cache_dir=settings.model_cache_dir)
+            if config.anchor_weight > 0
+            else []
+        )
         if active is not None:
             engine.set_adapter(active, registry.path(active)).result()
         before = _ask(engine, active or "the base model", train, held_out)
@@ -313,6 +323,7 @@ def _run_cycle(
             out_dir=adapter_dir,
             progress=progress,
             general=general,
+            anchors=anchors,
             system_prompt=settings.system_prompt,
             max_input_tokens=settings.max_input_tokens,
         )

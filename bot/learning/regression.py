@@ -139,6 +139,29 @@ def replay_cache_file(engine, cache_dir: Path) -> Path:
     return Path(cache_dir) / "replay-answers" / f"{safe}-{digest}.json"
 
 
+def base_answers(engine, questions: Sequence[str], *, cache_dir: Path) -> list[str]:
+    """The answers of the model serving in `engine` (no adapter set) to `questions`, from the
+    cache file where there, generating (batched) and saving only the missing ones."""
+    from bot.learning.evaluate import answer_all
+
+    path = replay_cache_file(engine, cache_dir)
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    missing = list(dict.fromkeys(q for q in questions if q not in cached))
+    if missing:
+        cached.update(zip(missing, answer_all(engine, missing), strict=True))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached, indent=1, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(path)
+        except OSError:
+            pass  # a cache it cannot write costs time next run, nothing else
+    return [cached[q] for q in questions]
+
+
 def replay_examples(engine, *, limit: int, cache_dir: Path) -> list[Example]:
     """Up to `limit` general examples from the base model serving in `engine` (no adapter set).
 
@@ -146,32 +169,29 @@ def replay_examples(engine, *, limit: int, cache_dir: Path) -> list[Example]:
     only missing ones are generated (batched), then saved. Generating costs ~0.5 s a question on
     2 CPU cores, so a first run pays once per model and prompt.
     """
-    from bot.learning.evaluate import answer_all
-
     if limit <= 0:
         return []
-    path = replay_cache_file(engine, cache_dir)
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cached = {}
     items = mix_items()
     position, kept = 0, []
     while len(kept) < limit and position < len(items):
         # ask for just enough: a keyword item the base gets wrong is dropped, so top up
         chunk = items[position : position + limit - len(kept)]
         position += len(chunk)
-        missing = [item.question for item in chunk if item.question not in cached]
-        if missing:
-            cached.update(zip(missing, answer_all(engine, missing), strict=True))
-        kept += general_examples(
-            [cached[item.question] for item in chunk], chunk, limit=limit - len(kept)
-        )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        pass  # a cache it cannot write costs time next run, nothing else
+        answers = base_answers(engine, [item.question for item in chunk], cache_dir=cache_dir)
+        kept += general_examples(answers, chunk, limit=limit - len(kept))
     return [Example(e.question, e.answer, id=f"general:{n}") for n, e in enumerate(kept)]
+
+
+def anchor_examples(engine, *, limit: int, cache_dir: Path) -> list[Example]:
+    """The base model's own whole answers to the first `limit` replay questions, right or
+    wrong: the anchor term keeps the adapter's distribution near the base model's there
+    (`bot.learning.trainer.AnchoredSFTTrainer`), it teaches nothing."""
+    if limit <= 0:
+        return []
+    items = mix_items()[:limit]
+    answers = base_answers(engine, [item.question for item in items], cache_dir=cache_dir)
+    return [
+        Example(item.question, answer.strip(), id=f"anchor:{n}")
+        for n, (item, answer) in enumerate(zip(items, answers, strict=True))
+        if answer.strip()
+    ]
