@@ -12,7 +12,7 @@ temp folder), a user @-mentions it with each fact's original question, and an ex
 Every question is then asked through Slack again under four conditions, toggled on the one
 running bot so that nothing else differs:
 
-- base model: no knowledge base (`services.knowledge` and the dispatcher's set to None),
+- base model: no knowledge base (`services.knowledge` set to None: the dispatcher reads it),
   no adapter;
 - retrieval only: the knowledge base on (an original question is answered verbatim from the
   correction as an exact repeat; a paraphrase gets the correction as a note), no adapter;
@@ -141,8 +141,8 @@ def correct(bot: LocalSlack, message: dict, text: str) -> None:
 
 
 def use_retrieval(bot: LocalSlack, knowledge) -> None:
-    """Turn retrieval on (a knowledge base) or off (None) in the running bot: the dispatcher
-    holds its own reference, taken when the app was created."""
+    """Turn retrieval on (a knowledge base) or off (None) in the running bot; the dispatcher
+    reads `services.knowledge` for every question."""
     bot.services.knowledge = knowledge
 
 
