@@ -84,6 +84,8 @@ def main() -> None:
             f"| {'passed' if m['gate_passed'] else 'refused'} |",
             flush=True,
         )
+        if m.get("regression_lost"):
+            print(f"|  forgot: {'; '.join(m['regression_lost'])} |||||||", flush=True)
 
 
 if __name__ == "__main__":

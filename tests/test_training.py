@@ -446,3 +446,26 @@ def test_pipeline_refuses_empty_examples(make_settings):
 
     with pytest.raises(DataError):
         train_new_version(settings=make_settings(), examples=[], progress=False)
+
+
+def test_the_report_names_the_general_questions_a_refused_version_forgot():
+    from bot.learning.cycle import CycleOutcome
+    from bot.learning.report import format_report
+
+    metrics = {
+        "recall_before": 0.0,
+        "recall": 1.0,
+        "recall_train_before": 0.0,
+        "recall_train": 1.0,
+        "regression_before": 1.0,
+        "regression": 0.9,
+        "regression_lost": ["How many continents are there?", "What is 2 plus 2?"],
+        "steps": 80,
+        "train_seconds": 100,
+    }
+    outcome = CycleOutcome(run_id=3, trigger="verdicts", state="refused", metrics=metrics)
+    text = json.dumps(format_report(outcome)[1], ensure_ascii=False)
+    assert "adapters promote None" not in text  # no version was published: nothing to promote
+    assert "100% → 90% (forgot: How many continents are there?; What is 2 plus 2?)" in text
+    outcome.metrics = {**metrics, "regression": 1.0, "regression_lost": []}
+    assert "forgot" not in json.dumps(format_report(outcome)[1])

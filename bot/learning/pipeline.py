@@ -92,6 +92,7 @@ class _Side:
     recall_all: float
     regression: float
     items: list
+    general_right: tuple[str, ...] = ()  # the gate questions this side answered right
 
 
 def _owner() -> str:
@@ -150,8 +151,15 @@ def _ask(engine, label, train, held_out) -> _Side:
     recall_all, items = score_recall(examples, fact_answers)
     recall_train, _ = score_recall(train, fact_answers[: len(train)])
     recall_held = score_recall(held_out, fact_answers[len(train) :])[0] if held_out else None
+    right = tuple(i.question for i, a in zip(gate, gate_answers, strict=True) if i.is_right(a))
     return _Side(
-        label, recall_train, recall_held, recall_all, regression_score(gate_answers), items
+        label,
+        recall_train,
+        recall_held,
+        recall_all,
+        regression_score(gate_answers),
+        items,
+        general_right=right,
     )
 
 
@@ -360,6 +368,8 @@ def _run_cycle(
             "recall": after.recall_all,
             "regression_before": before.regression,
             "regression": after.regression,
+            # general questions the active version got right and the candidate did not
+            "regression_lost": [q for q in before.general_right if q not in after.general_right],
             "eval_loss_base": trained.initial_eval_loss,
             "eval_loss": trained.best_eval_loss,
             "steps": trained.steps,

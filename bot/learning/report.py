@@ -94,6 +94,11 @@ def format_report(outcome) -> tuple[str, list[dict]]:
         rows.append(
             f"• regression (general questions): {_pct(m.get('regression_before'))} → "
             f"{_pct(m.get('regression'))}"
+            + (
+                f" (forgot: {'; '.join(m['regression_lost'][:5])})"
+                if m.get("regression_lost")
+                else ""
+            )
         )
         rows.append(
             f"• {m.get('steps')} steps in {m.get('train_seconds', 0):.0f} s"
@@ -117,7 +122,7 @@ def format_report(outcome) -> tuple[str, list[dict]]:
         "`/apprentice rollback` restores the previous version at once."
         if outcome.state == RunState.PROMOTED
         else f"`apprentice adapters promote {outcome.version}` would activate it anyway."
-        if outcome.state == RunState.REFUSED
+        if outcome.state == RunState.REFUSED and outcome.version
         else "`/apprentice train` starts another cycle."
     )
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": hint}]})
