@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="how often a running bot checks the active-version pointer"
     )
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
+    tune_threads: bool = Field(
+        default=True,
+        description="on a CPU, the engine measures its decoding steps on all threads and on one "
+        "and keeps the faster (one wins by far when other work shares the cores)",
+    )
 
     # People
     admins: UserIds = Field(default_factory=list, description="Slack user ids, comma-separated")
@@ -87,6 +92,13 @@ class Settings(BaseSettings):
         ge=0,
         description="torch threads of the training process; 0 = half the cores (at least 1), "
         "so answering keeps the rest while a cycle runs",
+    )
+    train_nice: int = Field(
+        default=19,
+        ge=0,
+        le=19,
+        description="niceness of the training process (0-19): at 19 it gets only the CPU time "
+        "answering leaves, so users barely feel a cycle; 0 = same priority as the bot",
     )
     train_lock_ttl_s: float = Field(
         default=120.0,

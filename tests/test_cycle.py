@@ -217,6 +217,10 @@ def test_a_second_cycle_is_refused_and_a_killed_child_fails_its_run(bot):
     [run] = rows(bot, TrainingRun)
     child = int(run.owner.rsplit(":", 1)[1])
     assert child != os.getpid()
+    # answering comes first: the training process runs at the lowest priority (train_nice)
+    assert os.getpriority(os.PRIO_PROCESS, child) == min(
+        19, os.getpriority(os.PRIO_PROCESS, 0) + bot.settings.train_nice
+    )
     os.kill(child, signal.SIGKILL)
 
     failed = wait_run(bot, lambda r: r.state == RunState.FAILED, timeout=60)

@@ -60,6 +60,11 @@ def main() -> int:
     from bot.store.db import make_engine, session_scope
 
     settings = Settings.model_validate(payload["settings"])
+    if settings.train_nice:
+        try:  # the bot's answers first: training gets the CPU time they leave
+            os.nice(settings.train_nice)
+        except OSError as exc:
+            log.warning("could not lower the training priority: %s", exc)
     run_id = int(payload["run_id"])
     db = make_engine(settings.database_url)  # the parent migrated it
     snapshot = datetime.fromisoformat(payload["snapshot"])
