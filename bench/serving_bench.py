@@ -62,9 +62,13 @@ def weight_bytes(model) -> int:
     return total
 
 
-def copy_bandwidth(device, *, mbytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s moved by copying a large tensor (read + write), best of `repeats`."""
+def copy_bandwidth(device, *, mbytes: int = 512, repeats: int = 5, threads: int = 0) -> float:
+    """Bytes/s moved by copying a large tensor (read + write), best of `repeats`; on `threads`
+    torch threads when given (the machine's limit, whatever count the engine chose)."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     source = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
@@ -89,7 +93,8 @@ def median(values) -> float:
     return statistics.median(list(values))
 
 
-def make_engine(loaded, n: int, batch_size: int = 8) -> AnswerEngine:
+def make_engine(loaded, n: int, batch_size: int = 8, tune_threads: bool = True) -> AnswerEngine:
+    """An engine as the bot builds it (thread tuning on, as `Settings` defaults)."""
     return AnswerEngine(
         loaded,
         system_prompt=DEFAULT_SYSTEM_PROMPT,
@@ -97,6 +102,7 @@ def make_engine(loaded, n: int, batch_size: int = 8) -> AnswerEngine:
         max_new_tokens=n,
         batch_size=batch_size,
         generate_options={"min_new_tokens": n},
+        tune_threads=tune_threads,
     )
 
 
@@ -222,7 +228,7 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
     requests = [AnswerRequest(QUESTIONS[i % len(QUESTIONS)]) for i in range(questions)]
     every = questions // swaps
 
-    def run(with_swaps: bool) -> tuple[float, list, list]:
+    def run(with_swaps: bool) -> tuple[float, list, list, list]:
         engine.set_adapter(None, None).result(timeout=600)
         futures, expected, swap_futures, version = [], [], [], None
         started = time.perf_counter()
@@ -235,10 +241,11 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
             expected.append(version)
         wait(futures + swap_futures, timeout=1800)
         elapsed = time.perf_counter() - started
-        return elapsed, futures, expected
+        return elapsed, futures, expected, swap_futures
 
-    plain_s, _, _ = run(False)
-    swapped_s, futures, expected = run(True)
+    plain_s, _, _, _ = run(False)
+    swapped_s, futures, expected, swap_futures = run(True)
+    swap_s = sum(f.result() for f in swap_futures if f.exception() is None)
     failed = sum(f.exception() is not None for f in futures)
     results = [f.result() for f in futures if f.exception() is None]
     wrong = sum(r.adapter_version != v for r, v, f in zip(results, expected, futures, strict=False))
@@ -249,6 +256,10 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
         "wrong_version": wrong,
         "duplicates": len(results) - len({id(r) for r in results}),
         "throughput_ratio": plain_s / swapped_s,
+        # of the extra wall time, the part the worker spent swapping (reading, merging)
+        "swapping_share_of_extra": (
+            swap_s / (swapped_s - plain_s) if swapped_s > plain_s else None
+        ),
         "answered_total": answered,
     }
 
@@ -290,7 +301,7 @@ def main() -> None:
 
             bandwidths, engine_speeds, generate_speeds = [], [], []
             for _ in range(args.repeats):  # interleaved: the same noise hits all three
-                bandwidths.append(copy_bandwidth(loaded.device))
+                bandwidths.append(copy_bandwidth(loaded.device, threads=out["threads"]))
                 engine_speeds.append(decode_speed(engine, questions=QUESTIONS[:3]))
             for _ in range(max(1, args.repeats // 2)):
                 generate_speeds.append(generate_speed(loaded, n=n, questions=QUESTIONS[:2]))

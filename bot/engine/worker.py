@@ -21,6 +21,10 @@ new version. A swap reads and checks the whole folder (config, weights, shapes a
 model) before touching the weights, so a broken folder is refused and the previous adapter keeps
 serving. When the worker exits the adapter is unmerged: the `LoadedModel` is the base again.
 
+On a CPU the worker can choose, step by step, between all torch threads and one
+(`tune_threads`, `bot.engine.threads`): on cores shared with other work one thread is several
+times faster; on idle cores all of them may be.
+
 Importing this module is cheap (no torch, no transformers): they load with the model.
 
 `stop()` refuses new work, fails everything still queued with `EngineStopped`, lets the rows in
@@ -100,8 +104,13 @@ class AnswerEngine:
         max_new_tokens: int,
         batch_size: int,
         generate_options: dict[str, Any] | None = None,
+        tune_threads: bool = False,
     ):
-        """`generate_options`: `min_new_tokens`, `suppress_tokens` (decoding is always greedy)."""
+        """`generate_options`: `min_new_tokens`, `suppress_tokens` (decoding is always greedy).
+
+        `tune_threads`: on a CPU, choose per step between all torch threads and one, from the
+        steps' measured times (`bot.engine.threads`); off, torch's thread count is left alone.
+        """
         from bot.engine.merging import MergedWeights
 
         if batch_size < 1 or max_new_tokens < 1 or max_input_tokens < 1:
@@ -119,9 +128,11 @@ class AnswerEngine:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.generate_options = options
+        self.tune_threads = tune_threads
+        self._tuner = None  # built by the worker (it knows torch's thread count)
         self._base = loaded.model
         self._weights = MergedWeights(model=loaded.model)  # the adapter merged into the base
-        self._adapters: dict = {}  # the last adapter read, kept for a cheap swap back
+        self._adapters: dict = {}  # the active adapter and the one before, for a cheap swap back
         self._active: str | None = None
         self._stop_ids = _stop_token_ids(loaded)
         tokenizer = loaded.tokenizer
@@ -151,6 +162,7 @@ class AnswerEngine:
             max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.max_new_tokens,
             batch_size=settings.batch_size,
+            tune_threads=settings.tune_threads,
         )
 
     # lifecycle
@@ -246,6 +258,7 @@ class AnswerEngine:
                 "active_version": self._active,
                 "running": self._thread is not None and self._thread.is_alive(),
                 **self._counts,
+                "threads": self._tuner.choice if self._tuner else None,
             }
 
     # the worker
@@ -286,9 +299,12 @@ class AnswerEngine:
         import torch
 
         from bot.engine.decoding import DecodeBatch
+        from bot.engine.threads import ThreadTuner
 
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
+        if self.tune_threads and getattr(self.loaded.device, "type", "cpu") == "cpu":
+            self._tuner = ThreadTuner(most=torch.get_num_threads())
         try:
             while True:
                 work = self._next_work(running=len(batch), can_join=batch.can_join)
@@ -378,7 +394,18 @@ class AnswerEngine:
             for row in rows:
                 _fail(row.job.future, EngineStopped(STOPPED))
             return
-        logits = batch.step(batch.tokens)
+        tuner = self._tuner
+        if tuner is None:
+            logits = batch.step(batch.tokens)
+        else:
+            import torch
+
+            threads = tuner.threads_for(len(batch))
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            started = time.perf_counter()
+            logits = batch.step(batch.tokens)
+            tuner.record(threads=threads, width=len(batch), seconds=time.perf_counter() - started)
         self._counts["steps"] += 1
         self._take(batch, batch.rows, logits, offset=0)
 
@@ -481,7 +508,10 @@ class AnswerEngine:
             # read and check it all before the serving weights change: a bad folder changes nothing
             adapter = cached or read_adapter(Path(path), version=version, base_model=self._base)
             self._weights.apply(adapter)
-            self._adapters = {version: adapter}  # the A/B matrices: a few MB, for a swap back
+            # the A/B matrices (a few MB each) of this version and the one before: a swap back
+            # or a rollback reads no file
+            kept = {v: a for v, a in self._adapters.items() if v == self._active}
+            self._adapters = {**kept, version: adapter}
         self._active = version
 
 

@@ -1,0 +1,80 @@
+"""The thread tuner: it keeps the faster thread count, probes rarely, and never changes answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.engine.threads import ThreadTuner
+from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_engine
+
+
+def drive(tuner: ThreadTuner, seconds_per_threads: dict[int, float], *, steps: int, width=4):
+    """Run `steps` steps whose time depends only on the thread count; return the counts used."""
+    used = []
+    for _ in range(steps):
+        threads = tuner.threads_for(width)
+        used.append(threads)
+        tuner.record(threads=threads, width=width, seconds=seconds_per_threads[threads])
+    return used
+
+
+def test_switches_to_one_thread_when_it_is_clearly_faster():
+    tuner = ThreadTuner(most=2, first_wait=4)
+    used = drive(tuner, {2: 0.25, 1: 0.04}, steps=40)
+    assert tuner.choice == 1
+    assert used[:4] == [2, 2, 2, 2]  # serves on its first choice until the first probe
+    assert used[-10:].count(1) >= 9  # then on one thread, with a rare probe back
+
+
+def test_keeps_all_threads_when_they_win_and_probes_ever_more_rarely():
+    tuner = ThreadTuner(most=2, first_wait=4, longest_wait=64)
+    used = drive(tuner, {2: 0.02, 1: 0.04}, steps=400)
+    assert tuner.choice == 2
+    assert tuner.switches == 0
+    # probes after 4, 8, 16, 32 steps, then every 64: 9 in 400 steps, not one in 4
+    assert used.count(1) == tuner.probes == 9
+
+
+def test_a_marginal_gain_does_not_switch():
+    tuner = ThreadTuner(most=2, first_wait=2, margin=0.85)
+    drive(tuner, {2: 0.10, 1: 0.09}, steps=50)
+    assert tuner.choice == 2
+
+
+def test_probes_compare_steps_of_the_same_width_only():
+    tuner = ThreadTuner(most=2, first_wait=2)
+    for _ in range(3):
+        tuner.record(threads=2, width=8, seconds=0.5)
+    assert tuner.threads_for(1) == 2  # no reference at width 1 yet: no probe
+    assert tuner.threads_for(8) == 1
+
+
+def test_one_core_means_nothing_to_tune():
+    tuner = ThreadTuner(most=1, first_wait=1)
+    assert drive(tuner, {1: 0.1}, steps=10) == [1] * 10
+
+
+@pytest.fixture
+def loaded(tiny_model_dir, tmp_path):
+    return load_tiny(tiny_model_dir, tmp_path / "cache")
+
+
+def test_tuned_engine_gives_the_same_answers(loaded):
+    import torch
+
+    before = torch.get_num_threads()
+    with make_engine(loaded) as plain:
+        expected = [plain.answer(q, timeout=WAIT).text for q in QUESTIONS]
+    engine = make_engine(loaded, tune_threads=True)
+    with engine:
+        together = [engine.submit(q) for q in QUESTIONS]
+        got = [f.result(timeout=WAIT).text for f in together]
+        alone = [engine.answer(q, timeout=WAIT).text for q in QUESTIONS]
+        stats = engine.stats()
+        probes = engine._tuner.probes
+    torch.set_num_threads(before)
+    assert got == expected
+    assert alone == expected
+    assert stats["threads"] in {1, before}
+    if before > 1:
+        assert probes >= 1  # the other thread count did run steps
