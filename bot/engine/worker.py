@@ -303,6 +303,8 @@ class AnswerEngine:
 
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
+        threads_at_start = torch.get_num_threads()  # process-wide: the tuner's choice must not
+        # outlive the engine (a trainer using the same process afterwards wants all threads)
         if self.tune_threads and getattr(self.loaded.device, "type", "cpu") == "cpu":
             self._tuner = ThreadTuner(most=torch.get_num_threads())
         try:
@@ -330,6 +332,8 @@ class AnswerEngine:
                             _fail(row.job.future, EngineError(f"the answer engine failed: {exc}"))
         finally:
             self._weights.apply(None)  # hand the LoadedModel back as the base model it was
+            if torch.get_num_threads() != threads_at_start:
+                torch.set_num_threads(threads_at_start)
 
     def _admit(self, batch, jobs: list[_Job]) -> None:
         """Prefill the newcomers as one group and merge them into the running batch."""
