@@ -6,8 +6,9 @@ Measures, in one run and one process, side by side:
 - the wall time of one learning cycle (`bot.learning.cycle.run_cycle`, the code the schedule
   runs: lease, snapshot, child process, evaluate, train, gate, publish) on N expert
   corrections of made-up team facts, stored as Slack verdicts in a fresh SQLite database;
-- the serving latency (p50/p90 of one question, batch 1, 32 new tokens) of an answer engine
-  in this process: first idle, then while the cycle's child trains, and the ratio.
+- the serving latency (p50/p90 of one question, batch 1, 32 new tokens, `--gap` seconds
+  apart) of an answer engine in this process: first with no cycle, then while the cycle's
+  child trains, and the ratio.
 Prints a markdown table. A script, not a test: several minutes on 2 CPU cores.
 """
 
@@ -104,13 +105,16 @@ def seed_corrections(db, count: int) -> None:
             )
 
 
-def latencies(engine, *, until, minimum: int) -> list[float]:
-    """Ask the probe question one at a time until `until()` (and at least `minimum` times)."""
+def latencies(engine, *, until, minimum: int, gap: float) -> list[float]:
+    """Ask the probe question one at a time, `gap` seconds apart, until `until()` (and at
+    least `minimum` times)."""
     seconds = []
     while len(seconds) < minimum or not until():
         started = time.perf_counter()
         engine.submit(PROBE).result()
         seconds.append(time.perf_counter() - started)
+        if gap and not until():
+            time.sleep(gap)
     return seconds
 
 
@@ -124,6 +128,13 @@ def main() -> None:
     parser.add_argument("--train-threads", type=int, default=0, help="0 = half the cores")
     parser.add_argument("--serve-threads", type=int, default=0, help="0 = torch's default")
     parser.add_argument("--idle-samples", type=int, default=12)
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=1.0,
+        help="seconds between questions (a busy team; 0 = back to back, which leaves a "
+        "nice-19 training process almost no CPU)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cycle-bench-"))
@@ -141,13 +152,13 @@ def main() -> None:
     engine = AnswerEngine.from_settings(settings).start()
     engine.submit(PROBE).result()  # warm-up
 
-    idle = latencies(engine, until=lambda: True, minimum=args.idle_samples)
+    idle = latencies(engine, until=lambda: True, minimum=args.idle_samples, gap=args.gap)
 
     started = time.perf_counter()
     handle = start_cycle(settings=settings, db=db, trigger="bench", report=False)
     finished = threading.Event()
     threading.Thread(target=lambda: (handle.wait(), finished.set()), daemon=True).start()
-    busy = latencies(engine, until=finished.is_set, minimum=3)
+    busy = latencies(engine, until=finished.is_set, minimum=3, gap=args.gap)
     outcome = handle.wait()
     cycle_s = time.perf_counter() - started
     engine.stop()
@@ -165,7 +176,10 @@ def main() -> None:
             f"{'-' if m['recall_held_out'] is None else format(m['recall_held_out'], '.0%')} |"
         )
         print(f"| regression | {m['regression_before']:.0%} -> {m['regression']:.0%} |")
-    print(f"| training threads (child) | {training_threads(settings)} |")
+    print(
+        f"| training process | {training_threads(settings)} thread(s), nice {settings.train_nice} |"
+    )
+    print(f"| serving load | one question at a time, {args.gap:g} s apart |")
     print(f"| serving p50 idle ({len(idle)} answers) | {p(idle, 0.5):.2f} s |")
     print(f"| serving p50 during the cycle ({len(busy)} answers) | {p(busy, 0.5):.2f} s |")
     print(f"| serving p90 idle / during | {p(idle, 0.9):.2f} s / {p(busy, 0.9):.2f} s |")
