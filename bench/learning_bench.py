@@ -49,8 +49,8 @@ from bot.learning.cycle import run_cycle  # noqa: E402
 from bot.learning.evaluate import carries_fact, has_keyword  # noqa: E402
 from bot.learning.regression import gate_items  # noqa: E402
 from bot.settings import Settings  # noqa: E402
-from bot.slack import blocks  # noqa: E402
 from bot.slack.local import LocalSlack  # noqa: E402
+from bot.slack.local_flows import correct_answer  # noqa: E402
 from bot.store import session_scope  # noqa: E402
 from bot.store.models import Answer  # noqa: E402
 
@@ -119,25 +119,6 @@ def ask_all(bot: LocalSlack, questions: list[str], *, timeout: float) -> list[tu
         )
         answers.append((message, _stored_text(bot, message)))
     return answers
-
-
-def correct(bot: LocalSlack, message: dict, text: str) -> None:
-    """An expert clicks ✏️ Correct on the answer and submits the modal, as in Slack."""
-    emulator = bot.emulator
-    emulator.click_button(user=EXPERT, channel=CHANNEL, message_ts=message["ts"], label="✏️ Correct")
-    modal = emulator.wait_for_view(user=EXPERT)
-    result = emulator.submit_view(
-        user=EXPERT,
-        view_id=modal["id"],
-        values={blocks.CORRECTION_BLOCK: {blocks.CORRECTION_INPUT: text}},
-    )
-    if result.status != 200:
-        raise RuntimeError(f"the correction modal was refused: HTTP {result.status}")
-    emulator.wait_for_message(
-        channel=CHANNEL,
-        thread_ts=message["thread_ts"],
-        predicate=lambda m: m["ts"] == message["ts"] and "corrected by" in json.dumps(m["blocks"]),
-    )
 
 
 def use_retrieval(bot: LocalSlack, knowledge) -> None:
@@ -282,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             for fact, (message, _) in zip(
                 facts, ask_all(bot, [f.question for f in facts], timeout=args.timeout), strict=True
             ):
-                correct(bot, message, fact.answer)
+                correct_answer(bot.emulator, user=EXPERT, answer=message, text=fact.answer)
 
             results: dict[str, dict | None] = {}
             for name, retrieval, _ in CONDITIONS[:2]:

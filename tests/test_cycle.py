@@ -19,7 +19,7 @@ import pytest
 from bot import runtime
 from bot.adapter_store.registry import AdapterRegistry
 from bot.learning.cycle import LockBusy, run_cycle, start_cycle, wait_for_phase
-from bot.slack import blocks
+from bot.slack.local_flows import correct_answer
 from bot.store import session_scope
 from bot.store.locks import INTERRUPTED, hold_lock
 from bot.store.models import (
@@ -72,16 +72,8 @@ def bot(make_settings, sqlite_url):
 
 def correct(bot, text: str = QUESTION, correction: str = CORRECTION) -> None:
     """An expert corrects the bot's answer through the ✏️ modal."""
-    emulator = bot.emulator
     _, answer = ask_and_wait(bot, text=text)
-    emulator.click_button(user=EXPERT, channel=CHANNEL, message_ts=answer["ts"], label="✏️ Correct")
-    modal = emulator.wait_for_view(user=EXPERT)
-    emulator.submit_view(
-        user=EXPERT,
-        view_id=modal["id"],
-        values={blocks.CORRECTION_BLOCK: {blocks.CORRECTION_INPUT: correction}},
-    )
-    emulator.wait_for_ephemeral(user=EXPERT, predicate=lambda e: "correction" in e["text"].lower())
+    correct_answer(bot.emulator, user=EXPERT, answer=answer, text=correction)
 
 
 def admin(bot, text: str) -> str:

@@ -19,8 +19,8 @@ import pytest
 from bot import runtime
 from bot.adapter_store.registry import AdapterRegistry
 from bot.settings import Settings
-from bot.slack import blocks
 from bot.slack.local import LocalSlack
+from bot.slack.local_flows import correct_answer
 from bot.store.models import Answer, RunState, TrainingRun
 from tests.test_slack_e2e import ADMIN, CHANNEL, EXPERT, USER, ask_and_wait, rows
 
@@ -83,15 +83,7 @@ def test_a_correction_becomes_the_running_bots_answer_and_rollback_undoes_it(
         before = answer_text(bot, first)
         assert "8471" not in before, f"the base model already knew: {before}"
 
-        emulator.click_button(
-            user=EXPERT, channel=CHANNEL, message_ts=first["ts"], label="✏️ Correct"
-        )
-        modal = emulator.wait_for_view(user=EXPERT)
-        emulator.submit_view(
-            user=EXPERT,
-            view_id=modal["id"],
-            values={blocks.CORRECTION_BLOCK: {blocks.CORRECTION_INPUT: FACT}},
-        )
+        correct_answer(emulator, user=EXPERT, answer=first, text=FACT)
         started = time.monotonic()
         scheduler = runtime.start_scheduler(bot.settings)
 

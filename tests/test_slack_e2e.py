@@ -12,6 +12,7 @@ from sqlmodel import select
 from bot.engine.types import EngineError
 from bot.slack import blocks
 from bot.slack.local import LocalSlack
+from bot.slack.local_flows import correct_answer
 from bot.store import session_scope
 from bot.store.models import Answer, Question, SlackEvent, Verdict
 from tests.support.tiny_model import tiny_engine
@@ -196,6 +197,19 @@ def test_expert_approve_correct_reject_and_withdraw(slack):
         channel=CHANNEL, thread_ts=ts, predicate=lambda m: f"<@{EXPERT}>" in m.get("text", "")
     )
     assert f"<@{ADMIN}>" in tagged["text"]
+
+
+def test_the_shared_correction_flow_saves_or_says_why_not(slack):
+    """`correct_answer`, which other tests and the benchmarks use to correct answers."""
+    _, answer = ask_and_wait(slack)
+    with pytest.raises(RuntimeError, match="Only experts"):
+        correct_answer(slack.emulator, user=OTHER, answer=answer, text="Tuesdays.")
+    assert rows(slack, Verdict) == []
+    shown = correct_answer(slack.emulator, user=EXPERT, answer=answer, text="Tuesdays at noon.")
+    assert shown["ts"] == answer["ts"] and "Tuesdays at noon." in json.dumps(shown["blocks"])
+    [correction] = rows(slack, Verdict, Verdict.kind == "correct")
+    assert (correction.author_id, correction.text) == (EXPERT, "Tuesdays at noon.")
+    assert slack.emulator.views == {}  # the modal closed
 
 
 def test_non_expert_clicks_are_refused_and_nothing_is_stored(slack):

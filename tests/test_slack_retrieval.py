@@ -15,6 +15,7 @@ from slack_sdk import WebClient
 from bot.engine.types import Note
 from bot.knowledge import KnowledgeBase, load_embedder
 from bot.slack import blocks, manifest_spec
+from bot.slack.local_flows import correct_answer
 from bot.store import make_engine
 from bot.store.models import Answer, Verdict
 from tests.test_slack_e2e import (
@@ -92,23 +93,6 @@ def stored(bot, message: dict) -> Answer:
     return answer
 
 
-def correct(bot, answer: dict, text: str, *, channel: str = CHANNEL) -> None:
-    emulator = bot.emulator
-    emulator.click_button(user=EXPERT, channel=channel, message_ts=answer["ts"], label="✏️ Correct")
-    modal = emulator.wait_for_view(user=EXPERT)
-    result = emulator.submit_view(
-        user=EXPERT,
-        view_id=modal["id"],
-        values={blocks.CORRECTION_BLOCK: {blocks.CORRECTION_INPUT: text}},
-    )
-    assert result.status == 200
-    emulator.wait_for_message(
-        channel=channel,
-        thread_ts=answer["thread_ts"],
-        predicate=lambda m: m["ts"] == answer["ts"] and "corrected by" in json.dumps(m["blocks"]),
-    )
-
-
 def click_approve(bot, answer: dict, *, expect: str, channel: str = CHANNEL) -> None:
     before = len(bot.emulator.ephemerals(user=EXPERT))
     bot.emulator.click_button(
@@ -125,7 +109,7 @@ def test_a_correction_is_cited_for_a_reworded_question_and_reaches_the_prompt(sl
     seen = record_requests(slack)
     _, first = ask_and_wait(slack, text=f"<@UBOT> {BILLING}")
     assert seen[0].notes == () and citations(first) == []
-    correct(slack, first, BILLING_FACT)
+    correct_answer(slack.emulator, user=EXPERT, answer=first, text=BILLING_FACT)
 
     _, second = ask_and_wait(slack, text=f"<@UBOT> {BILLING_REWORDED}")
     day = verdict_day(slack, answer_id_of(first), "correct")
@@ -160,7 +144,7 @@ def test_a_correction_is_cited_for_a_reworded_question_and_reaches_the_prompt(sl
 def test_retrieval_switched_off_on_the_services_takes_effect_at_once(slack):
     seen = record_requests(slack)
     _, first = ask_and_wait(slack, text=f"<@UBOT> {BILLING}")
-    correct(slack, first, BILLING_FACT)
+    correct_answer(slack.emulator, user=EXPERT, answer=first, text=BILLING_FACT)
     knowledge, slack.services.knowledge = slack.services.knowledge, None
     _, second = ask_and_wait(slack, text=f"<@UBOT> {BILLING_REWORDED}")
     assert seen[1].notes == () and citations(second) == []
@@ -172,7 +156,7 @@ def test_retrieval_switched_off_on_the_services_takes_effect_at_once(slack):
 def test_private_channel_knowledge_stays_in_its_channel(slack):
     seen = record_requests(slack)
     _, first = ask_and_wait(slack, channel=SECRET, text=f"<@UBOT> {DOOR}")
-    correct(slack, first, DOOR_FACT, channel=SECRET)
+    correct_answer(slack.emulator, user=EXPERT, answer=first, text=DOOR_FACT)
 
     # elsewhere: not for a rewording, not even for the very same question, and not in a DM
     dm = slack.emulator.open_dm(USER)
@@ -231,7 +215,12 @@ def test_an_exact_repeat_is_answered_with_the_approved_text_without_the_model(sl
     assert citations(repeat) == []
 
     # experts can still judge it: a correction replaces the text and keeps the mark ...
-    correct(slack, repeat, "Ask IT in #it-help; access arrives within a day.")
+    correct_answer(
+        slack.emulator,
+        user=EXPERT,
+        answer=repeat,
+        text="Ask IT in #it-help; access arrives within a day.",
+    )
     shown = slack.emulator.messages(CHANNEL, repeat["thread_ts"])[-1]
     assert any(
         line.startswith("✅ Answered from an answer approved by") for line in context_lines(shown)
