@@ -230,6 +230,7 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
 
     def run(with_swaps: bool) -> tuple[float, list, list, list]:
         engine.set_adapter(None, None).result(timeout=600)
+        engine.answer("settle", timeout=600)  # the swap back to the base is not timed
         futures, expected, swap_futures, version = [], [], [], None
         started = time.perf_counter()
         for index, request in enumerate(requests):
@@ -243,6 +244,12 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
         elapsed = time.perf_counter() - started
         return elapsed, futures, expected, swap_futures
 
+    # the engine's way (rows of the old version decode beside the new one) and, for reference,
+    # draining the batch at each swap; the plain run between them, so drift hits both alike
+    mixed = engine.mix_versions
+    engine.mix_versions = False
+    drained_s, _, _, _ = run(True)
+    engine.mix_versions = mixed
     plain_s, _, _, _ = run(False)
     swapped_s, futures, expected, swap_futures = run(True)
     swap_s = sum(f.result() for f in swap_futures if f.exception() is None)
@@ -256,12 +263,16 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
         "wrong_version": wrong,
         "duplicates": len(results) - len({id(r) for r in results}),
         "throughput_ratio": plain_s / swapped_s,
+        "drained_throughput_ratio": plain_s / drained_s,
         # of the extra wall time, the part the worker spent swapping (reading, merging)
         "swapping_share_of_extra": (
             swap_s / (swapped_s - plain_s) if swapped_s > plain_s else None
         ),
         "answered_total": answered,
     }
+
+
+PARTS = ["decode", "concurrency", "adapter", "swaps", "memory"]
 
 
 def main() -> None:
@@ -272,7 +283,11 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, default=PARTS, help="measure these parts only"
+    )
     args = parser.parse_args()
+    only = set(args.only)
 
     import torch
 
@@ -298,52 +313,68 @@ def main() -> None:
         ]
         with make_engine(loaded, n) as engine:
             engine.answer("warm up", timeout=600)
-
-            bandwidths, engine_speeds, generate_speeds = [], [], []
-            for _ in range(args.repeats):  # interleaved: the same noise hits all three
-                bandwidths.append(copy_bandwidth(loaded.device, threads=out["threads"]))
-                engine_speeds.append(decode_speed(engine, questions=QUESTIONS[:3]))
-            for _ in range(max(1, args.repeats // 2)):
-                generate_speeds.append(generate_speed(loaded, n=n, questions=QUESTIONS[:2]))
-            bandwidth = median(bandwidths)
-            limit = bandwidth / weights
-            out["decode"] = {
-                "bandwidth_gbs": bandwidth / 1e9,
-                "limit_tps": limit,
-                "engine_tps": median(engine_speeds),
-                "generate_tps": median(generate_speeds),
-                "ratio": median(engine_speeds) / limit,
-                "generate_ratio": median(generate_speeds) / limit,
-            }
-            print("decode", out["decode"], flush=True)
-
-            out["concurrency"] = concurrency(engine, repeats=args.repeats)
-            print("concurrency", out["concurrency"], flush=True)
-            out["late_arrival"] = late_arrival(engine, n=n, repeats=args.repeats)
-            print("late arrival", out["late_arrival"], flush=True)
-
-            out["adapter"] = adapter_overhead(loaded, engine, folders[0], n=n, repeats=args.repeats)
-            print("adapter", out["adapter"], flush=True)
+            if "decode" in only:
+                out["decode"] = decode_efficiency(
+                    loaded, engine, weights=weights, n=n, repeats=args.repeats
+                )
+                print("decode", out["decode"], flush=True)
+            if "concurrency" in only:
+                out["concurrency"] = concurrency(engine, repeats=args.repeats)
+                print("concurrency", out["concurrency"], flush=True)
+                out["late_arrival"] = late_arrival(engine, n=n, repeats=args.repeats)
+                print("late arrival", out["late_arrival"], flush=True)
+            if "adapter" in only:
+                out["adapter"] = adapter_overhead(
+                    loaded, engine, folders[0], n=n, repeats=args.repeats
+                )
+                print("adapter", out["adapter"], flush=True)
 
         with make_engine(loaded, 16) as engine:
             engine.answer("warm up", timeout=600)
-            out["swaps"] = swaps_under_load(
-                engine, folders, questions=args.swap_questions, swaps=args.swaps
-            )
-            print("swaps", out["swaps"], flush=True)
-            engine.set_adapter("v0001", folders[0]).result(timeout=600)
-            engine.answer("one more with the adapter", timeout=600)
-            out["memory"] = {"rss_bytes": rss_bytes(), "ratio": rss_bytes() / weights}
-            print("memory", out["memory"], flush=True)
+            if "swaps" in only:
+                out["swaps"] = swaps_under_load(
+                    engine, folders, questions=args.swap_questions, swaps=args.swaps
+                )
+                print("swaps", out["swaps"], flush=True)
+            if "memory" in only:
+                engine.set_adapter("v0001", folders[0]).result(timeout=600)
+                engine.answer("one more with the adapter", timeout=600)
+                out["memory"] = {"rss_bytes": rss_bytes(), "ratio": rss_bytes() / weights}
+                print("memory", out["memory"], flush=True)
 
-        out["adapter"]["peft_unmerged_ratio"] = peft_unmerged_overhead(loaded, folders[0], n=n)[
-            "ratio"
-        ]
-        print("peft unmerged", out["adapter"]["peft_unmerged_ratio"], flush=True)
+        if "adapter" in only:
+            out["adapter"]["peft_unmerged_ratio"] = peft_unmerged_overhead(loaded, folders[0], n=n)[
+                "ratio"
+            ]
+            print("peft unmerged", out["adapter"]["peft_unmerged_ratio"], flush=True)
 
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
+
+
+def decode_efficiency(loaded, engine, *, weights: int, n: int, repeats: int) -> dict:
+    """Batch-1 tokens/s ÷ the memory-bandwidth limit; bandwidth and speed interleaved, so the
+    same noise hits both. Plain `generate` beside it, for reference."""
+    import torch
+
+    threads = torch.get_num_threads()
+    bandwidths, engine_speeds, generate_speeds = [], [], []
+    for _ in range(repeats):
+        bandwidths.append(copy_bandwidth(loaded.device, threads=threads))
+        engine_speeds.append(decode_speed(engine, questions=QUESTIONS[:3]))
+    for _ in range(max(1, repeats // 2)):
+        generate_speeds.append(generate_speed(loaded, n=n, questions=QUESTIONS[:2]))
+    bandwidth = median(bandwidths)
+    limit = bandwidth / weights
+    return {
+        "bandwidth_gbs": bandwidth / 1e9,
+        "limit_tps": limit,
+        "engine_tps": median(engine_speeds),
+        "generate_tps": median(generate_speeds),
+        "ratio": median(engine_speeds) / limit,
+        "generate_ratio": median(generate_speeds) / limit,
+    }
 
 
 if __name__ == "__main__":

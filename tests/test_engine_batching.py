@@ -151,15 +151,19 @@ def test_unsupported_generate_options_are_refused(loaded):
 # merged adapters
 
 
+@pytest.mark.parametrize("before", [None, "v0002"], ids=["onto-base", "replacing-v0002"])
 def test_a_merged_adapter_answers_like_the_unmerged_peft_adapter(
-    loaded, adapters, tiny_model_dir, tmp_path
+    loaded, adapters, tiny_model_dir, tmp_path, before
 ):
+    """Merged onto the base weights, or in one pass in place of another merged version."""
     from peft import PeftModel
 
     reference = load_tiny(tiny_model_dir, tmp_path / "cache-ref").model
     peft_model = PeftModel.from_pretrained(reference, str(adapters["v0001"])).eval()
     ids = torch.tensor([prompt_ids(loaded, QUESTIONS[0])])
     weights = MergedWeights(model=loaded.model)
+    if before:
+        weights.apply(read_adapter(adapters[before], version=before, base_model=loaded.model))
     weights.apply(read_adapter(adapters["v0001"], version="v0001", base_model=loaded.model))
     with torch.inference_mode():
         merged = loaded.model(input_ids=ids).logits
@@ -204,18 +208,58 @@ def test_the_engine_hands_back_the_base_weights_when_it_stops(loaded, adapters):
     assert after < 1e-5
 
 
-def test_swaps_under_load_never_split_or_lose_an_answer(loaded, adapters):
+def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(loaded, adapters):
+    """One batch, three versions: v0002 merged, rows on v0001 and on the base corrected."""
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
+    prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:3]]
+    versions = ["v0001", None, "v0002"]
+    weights = MergedWeights(model=model)
+
+    alone = []
+    with torch.inference_mode():
+        for version, prompt in zip(versions, prompts, strict=True):
+            weights.apply(read.get(version))
+            batch = DecodeBatch(model, pad_id=pad, device=loaded.device)
+            logits = [batch.join([prompt], [version])]
+            for _ in range(6):
+                logits.append(batch.step(logits[-1].argmax(-1)))
+            alone.append(torch.cat(logits))
+        # the three prefilled on their own versions, then decoding together on merged v0002
+        batch = DecodeBatch(model, pad_id=pad, device=loaded.device)
+        first = []
+        for version, prompt in zip(versions, prompts, strict=True):
+            weights.apply(read.get(version))
+            first.append(batch.join([prompt], [version]))
+        assert weights.version == "v0002"
+        together = [torch.cat(first)]
+        for _ in range(6):
+            with weights.mixed(versions, read):
+                together.append(batch.step(together[-1].argmax(-1)))
+        assert weights.mixing
+        with weights.mixed(["v0002"], read):  # only rows of the merged version left
+            assert not weights.mixing
+    for row, expected in enumerate(alone):
+        got = torch.stack([step[row] for step in together])
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # and the versions really differ, so the correction is what made them equal
+    assert (alone[0] - alone[1]).abs().max() > 1e-2 and (alone[0] - alone[2]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mix_versions", [True, False], ids=["mixed", "drained"])
+def test_swaps_under_load_never_split_or_lose_an_answer(loaded, adapters, mix_versions):
     """Forty questions with ten swaps among them: each answered once, by the version queued
-    before it, with exactly the text that version gives alone."""
+    before it, with exactly the text that version gives alone (the rows of an old version
+    decoding beside the new one, or the batch drained at each swap)."""
     versions = [None, "v0001", "v0002"]
     questions = QUESTIONS[:4]
     reference: dict = {}
-    with make_engine(loaded) as engine:
-        for version in versions:
+    for version in versions:  # each version in an engine of its own: no swap behind the text
+        with make_engine(loaded) as engine:
             engine.set_adapter(version, adapters.get(version)).result(timeout=WAIT)
             for q in questions:
                 reference[version, q] = engine.answer(q, timeout=WAIT).text
-    with make_engine(loaded, batch_size=4) as engine:
+    with make_engine(loaded, batch_size=4, mix_versions=mix_versions) as engine:
         futures, expected, swaps, version = [], [], [], None
         for index in range(40):
             if index % 4 == 3:

@@ -294,7 +294,13 @@ def test_swapping_adapters_changes_answers_and_none_restores_the_base(engine, ad
     assert engine.stats()["swaps"] == 4
 
 
-def test_a_swap_waits_for_the_answer_in_flight(loaded, adapters, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mix_versions", [True, False], ids=["mixed", "drained"])
+def test_an_answer_in_flight_finishes_on_the_version_it_started_with(
+    loaded, adapters, tiny_model_dir, tmp_path, mix_versions
+):
+    """Mixed: the swap applies at the next step, the answer in flight keeps the base model's
+    weights through the per-row correction and the question asked after the swap decodes beside
+    it on v0001. Drained: the swap waits until the answer in flight has finished."""
     request = AnswerRequest("What is the capital of France?", max_new_tokens=48)
     with make_engine(load_tiny(tiny_model_dir, tmp_path / "cache2")) as reference:
         unswapped = reference.answer(request, timeout=WAIT)
@@ -302,9 +308,15 @@ def test_a_swap_waits_for_the_answer_in_flight(loaded, adapters, tiny_model_dir,
         with_adapter = reference.answer(request, timeout=WAIT)
     assert with_adapter.text != unswapped.text
 
-    with make_engine(loaded) as engine:
+    with make_engine(loaded, mix_versions=mix_versions) as engine:
         gate = Gate()
-        in_flight = engine.submit(request, on_partial=gate)
+        merged_at_partial = []  # the version merged into the weights at each partial
+
+        def on_partial(text: str) -> None:
+            gate(text)
+            merged_at_partial.append(engine.active_version)
+
+        in_flight = engine.submit(request, on_partial=on_partial)
         assert gate.entered.wait(WAIT)
         swap = engine.set_adapter("v0001", adapters["v0001"])
         after = engine.submit(request)  # asked after the swap: answered by the new version
@@ -313,9 +325,15 @@ def test_a_swap_waits_for_the_answer_in_flight(loaded, adapters, tiny_model_dir,
         result = in_flight.result(timeout=WAIT)
         swap.result(timeout=WAIT)
         later = after.result(timeout=WAIT)
+        partials = len(merged_at_partial)
     assert result.adapter_version is None
     assert result.text == unswapped.text
     assert later.adapter_version == "v0001" and later.text == with_adapter.text
+    assert partials > 2
+    if mix_versions:  # the swap did not wait: most of the answer decoded beside v0001
+        assert merged_at_partial[0] is None and merged_at_partial[-1] == "v0001"
+    else:
+        assert set(merged_at_partial) == {None}
 
 
 def corrupt_copies(adapters, tmp_path) -> dict[str, object]:

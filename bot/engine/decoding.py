@@ -24,7 +24,8 @@ once and copied into each newcomer's cache, so a prefill only runs over the rest
 Within a row the layout is then [prefix][padding][own tokens]: the padding mask is general, and
 positions continue from the prefix. Prompts that do not start with the prefix (team notes change
 the system message) are prefilled whole. The prefix's keys and values depend on the weights:
-`forget_prefix` after an adapter swap.
+after an adapter swap `use_weights(version)` selects that version's (computed when first used;
+the last few versions are kept, ~1.5 MB each for SmolLM2, so swapping back recomputes nothing).
 
 Only plain `DynamicLayer` caches can be merged this way. A model with sliding-window or other
 special cache layers still works: `can_join` is then False and the worker admits newcomers only
@@ -55,6 +56,8 @@ class DecodeBatch:
         self.tokens: torch.Tensor | None = None  # (rows,) the last token, fed at the next step
         self.prefix: tuple[int, ...] = ()  # token ids every prompt is expected to start with
         self._prefix_states: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._weights_key: object = None  # which weights the model has now (an adapter version)
+        self._kept_states: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -74,10 +77,27 @@ class DecodeBatch:
         if tuple(ids) != self.prefix:
             self.prefix = tuple(ids)
             self._prefix_states = None
+            self._kept_states = {}
 
     def forget_prefix(self) -> None:
         """Drop the prefix's keys and values (the weights changed); recomputed when next used."""
         self._prefix_states = None
+        self._kept_states = {}
+
+    def use_weights(self, key: object, *, keep: int = 3) -> None:
+        """The model's weights are now those named `key` (an adapter version; None: the base).
+
+        The prefix states of the weights before stay kept (the last `keep` keys), so that
+        swapping back to them computes nothing. A key must always name the same weights.
+        """
+        if key == self._weights_key:
+            return
+        if self._prefix_states is not None:
+            self._kept_states[self._weights_key] = self._prefix_states
+        self._weights_key = key
+        self._prefix_states = self._kept_states.pop(key, None)
+        while len(self._kept_states) >= keep:
+            self._kept_states.pop(next(iter(self._kept_states)))  # the oldest first
 
     def join(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any]) -> torch.Tensor:
         """Prefill `prompts` and merge them into the batch; return their last logits.

@@ -13,13 +13,17 @@ next step instead of waiting for the whole batch. Greedy decoding keeps every an
 the one it gets alone.
 
 Adapters are merged into the base weights (`bot.engine.merging`): serving with an adapter costs
-no more per token than the base model. Swaps go through the same queue, in order. When a swap
-reaches the head of the queue the worker stops admitting, lets the running rows finish (drain),
-then unmerges the old adapter and merges the new one: an answer in flight always finishes on
-the version it started with, and a question asked after a swap was requested is answered by the
-new version. A swap reads and checks the whole folder (config, weights, shapes against the base
-model) before touching the weights, so a broken folder is refused and the previous adapter keeps
-serving. When the worker exits the adapter is unmerged: the `LoadedModel` is the base again.
+no more per token than the base model. Swaps go through the same queue, in order: a question
+asked after a swap was requested is answered by the new version, and an answer in flight always
+finishes on the version it started with. When a swap reaches the head of the queue the worker
+merges the new adapter at once, between two steps; the rows still decoding keep their version
+through a per-row low-rank correction (`MergedWeights.mixed`) until they finish, while the
+newcomers decode on the new one in the same batch. So a swap costs the merge (~0.1 s) and no
+narrower batch. (`mix_versions=False` drains instead: admissions stop until the running rows
+finish; the benchmark compares the two.) A swap reads and checks the whole folder (config,
+weights, shapes against the base model) before touching the weights, so a broken folder is
+refused and the previous adapter keeps serving. When the worker exits the adapter is unmerged:
+the `LoadedModel` is the base again.
 
 On a CPU the worker can choose, step by step, between all torch threads and one
 (`tune_threads`, `bot.engine.threads`): on cores shared with other work one thread is several
@@ -105,11 +109,15 @@ class AnswerEngine:
         batch_size: int,
         generate_options: dict[str, Any] | None = None,
         tune_threads: bool = False,
+        mix_versions: bool = True,
     ):
         """`generate_options`: `min_new_tokens`, `suppress_tokens` (decoding is always greedy).
 
         `tune_threads`: on a CPU, choose per step between all torch threads and one, from the
         steps' measured times (`bot.engine.threads`); off, torch's thread count is left alone.
+
+        `mix_versions`: a swap applies while rows decode (they keep their version through a
+        per-row correction); off, it waits until the running rows have finished.
         """
         from bot.engine.merging import MergedWeights
 
@@ -129,6 +137,7 @@ class AnswerEngine:
         self.batch_size = batch_size
         self.generate_options = options
         self.tune_threads = tune_threads
+        self.mix_versions = mix_versions
         self._tuner = None  # built by the worker (it knows torch's thread count)
         self._base = loaded.model
         self._weights = MergedWeights(model=loaded.model)  # the adapter merged into the base
@@ -274,8 +283,8 @@ class AnswerEngine:
         """What to do before the next step: a swap, newcomers to admit ([] for none), or None.
 
         Blocks only when no row is decoding. None means: stopping and nothing left to finish.
-        A swap at the head of the queue stops admissions until the running rows have finished
-        (drain), so every answer finishes on the version it started with.
+        A swap at the head of the queue applies now; without `mix_versions` it stops
+        admissions until the running rows have finished (drain).
         """
         with self._cond:
             while not self._pending and not running and not self._stopping:
@@ -285,7 +294,7 @@ class AnswerEngine:
             if not self._pending or (running and not can_join):
                 return []
             if isinstance(self._pending[0], _Swap):
-                return [] if running else self._pending.popleft()
+                return [] if running and not self.mix_versions else self._pending.popleft()
             jobs = []
             while self._pending and isinstance(self._pending[0], _Job):
                 if running + len(jobs) == self.batch_size:
@@ -313,8 +322,8 @@ class AnswerEngine:
                 if work is None:
                     return
                 if isinstance(work, _Swap):
-                    self._swap(work)
-                    batch.forget_prefix()  # its keys and values came from the old weights
+                    self._swap(work, keep={row.version for row in batch.rows})
+                    batch.use_weights(self._active)  # the prefix's keys and values differ
                     continue
                 try:
                     with torch.inference_mode():
@@ -326,6 +335,7 @@ class AnswerEngine:
                     log.exception("the engine worker failed while decoding")
                     rows = [*batch.rows, *(_Row(job=job) for job in work)]
                     batch.clear()
+                    self._weights.unmix()
                     for row in rows:
                         if not row.job.future.done():
                             self._counts["failed"] += 1
@@ -399,8 +409,15 @@ class AnswerEngine:
                 _fail(row.job.future, EngineStopped(STOPPED))
             return
         tuner = self._tuner
+        # rows admitted before a swap finish on their version: corrected per row in this step
+        versions = [row.version for row in batch.rows]
+        mixed = self._weights.mixed(versions, self._adapters)
         if tuner is None:
-            logits = batch.step(batch.tokens)
+            with mixed:
+                logits = batch.step(batch.tokens)
+        elif any(version != self._active for version in versions):
+            with mixed:  # a corrected step is slower: no probe, no sample for the tuner
+                logits = batch.step(batch.tokens)
         else:
             import torch
 
@@ -408,7 +425,8 @@ class AnswerEngine:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             started = time.perf_counter()
-            logits = batch.step(batch.tokens)
+            with mixed:
+                logits = batch.step(batch.tokens)
             tuner.record(threads=threads, width=len(batch), seconds=time.perf_counter() - started)
         self._counts["steps"] += 1
         self._take(batch, batch.rows, logits, offset=0)
@@ -478,12 +496,12 @@ class AnswerEngine:
 
     # swaps
 
-    def _swap(self, swap: _Swap) -> None:
-        """Apply a swap; the worker calls it only when no row is decoding."""
+    def _swap(self, swap: _Swap, *, keep: set[str | None]) -> None:
+        """Apply a swap between two steps; the adapters of versions in `keep` stay in memory."""
         started = time.perf_counter()
         before = self._active
         try:
-            self._apply_adapter(swap.version, swap.path)
+            self._apply_adapter(swap.version, swap.path, keep=keep)
         except Exception as exc:
             log.warning("adapter swap refused: %s", exc)
             _fail(
@@ -500,7 +518,7 @@ class AnswerEngine:
         with contextlib.suppress(InvalidStateError):
             swap.future.set_result(elapsed)
 
-    def _apply_adapter(self, version: str | None, path: Path | None) -> None:
+    def _apply_adapter(self, version: str | None, path: Path | None, *, keep=frozenset()) -> None:
         from bot.engine.merging import read_adapter
 
         if version == self._active:
@@ -512,10 +530,12 @@ class AnswerEngine:
             # read and check it all before the serving weights change: a bad folder changes nothing
             adapter = cached or read_adapter(Path(path), version=version, base_model=self._base)
             self._weights.apply(adapter)
-            # the A/B matrices (a few MB each) of this version and the one before: a swap back
-            # or a rollback reads no file
-            kept = {v: a for v, a in self._adapters.items() if v == self._active}
-            self._adapters = {**kept, version: adapter}
+        # the A/B matrices (a few MB each) of this version, the one before (a swap back or a
+        # rollback reads no file) and those rows in flight still decode on
+        kept = {self._active, *keep}
+        self._adapters = {v: a for v, a in self._adapters.items() if v in kept}
+        if version is not None:
+            self._adapters[version] = adapter
         self._active = version
 
 
