@@ -3,6 +3,7 @@ swaps under load and memory. Every figure is a ratio of two things measured side
 run (the machines are shared and noisy); each is the median of `--repeats` tries.
 
     python bench/serving_bench.py [--new-tokens 48] [--repeats 3] [--json out.json]
+                                  [--only decode concurrency adapter swaps memory]
 
 1. concurrency: wall time of 8 questions submitted together ÷ one question (answers forced to
    the same length); plus a question arriving mid-answer: its latency ÷ its latency alone.
@@ -12,8 +13,11 @@ run (the machines are shared and noisy); each is the median of `--repeats` tries
    a large tensor copy in this run and the limit is bandwidth ÷ bytes of weights read per token;
    plain `model.generate` is measured beside it.
 5. swaps under load: 50 questions with 10 adapter swaps among them: failed or duplicated answers,
-   answers on the wrong version, and throughput ÷ the same run without swaps.
-7. memory: this process's RSS once serving (model, engine, an adapter) ÷ the weights' bytes.
+   answers on the wrong version, and throughput ÷ the same run without swaps; the same swaps
+   with the batch drained at each one (the engine's former way) beside it.
+7. memory: RSS of a fresh process serving as the bot does (cached model, engine, an adapter
+   merged, 8 questions at once) ÷ the weights' bytes (this process has also run PEFT and
+   `generate` for the other figures, so its own RSS would overstate the bot's).
 
 The device is chosen as the bot chooses it (`auto`: CUDA in bf16 when present, else CPU float32).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,10 +47,11 @@ TOPICS = ["deploys", "on-call", "releases", "backups", "billing", "alerts", "acc
 QUESTIONS = [f"In two sentences, how does our team handle {topic}?" for topic in TOPICS]
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -286,8 +292,12 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", choices=PARTS, default=PARTS, help="measure these parts only"
     )
+    parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     only = set(args.only)
+    if args.memory_probe:
+        memory_probe(args.memory_probe, device=args.device)
+        return
 
     import torch
 
@@ -336,11 +346,17 @@ def main() -> None:
                     engine, folders, questions=args.swap_questions, swaps=args.swaps
                 )
                 print("swaps", out["swaps"], flush=True)
-            if "memory" in only:
-                engine.set_adapter("v0001", folders[0]).result(timeout=600)
-                engine.answer("one more with the adapter", timeout=600)
-                out["memory"] = {"rss_bytes": rss_bytes(), "ratio": rss_bytes() / weights}
-                print("memory", out["memory"], flush=True)
+        if "memory" in only:
+            probe = subprocess.run(
+                [sys.executable, __file__, "--memory-probe", str(folders[0])],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+                check=True,
+            )
+            memory = json.loads(probe.stdout.strip().splitlines()[-1])
+            out["memory"] = {**memory, "ratio": memory["rss_bytes"] / weights}
+            print("memory", out["memory"], flush=True)
 
         if "adapter" in only:
             out["adapter"]["peft_unmerged_ratio"] = peft_unmerged_overhead(loaded, folders[0], n=n)[
@@ -351,6 +367,18 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
+
+
+def memory_probe(folder: Path, *, device: str) -> None:
+    """In a fresh process, as the bot serves: the cached model, an engine with an adapter
+    merged, eight questions at once and one alone; print the resident and peak memory."""
+    cache_dir = Settings(_env_file=None).model_cache_dir
+    loaded = load_base_model(DEFAULT_BASE_MODEL, device=device, cache_dir=cache_dir)
+    with make_engine(loaded, 32) as engine:
+        engine.set_adapter("v0001", folder).result(timeout=600)
+        wait([engine.submit(question) for question in QUESTIONS], timeout=900)
+        engine.answer("one more with the adapter", timeout=600)
+        print(json.dumps({"rss_bytes": rss_bytes(), "peak_rss_bytes": rss_bytes("VmHWM")}))
 
 
 def decode_efficiency(loaded, engine, *, weights: int, n: int, repeats: int) -> dict:
