@@ -288,6 +288,10 @@ def main() -> None:
     parser.add_argument("--swap-questions", type=int, default=50)
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+        help="the weights' dtype (APPRENTICE_SERVE_DTYPE); auto: bf16 on CUDA, float32 on a CPU",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument(
         "--only", nargs="+", choices=PARTS, default=PARTS, help="measure these parts only"
@@ -296,13 +300,15 @@ def main() -> None:
     args = parser.parse_args()
     only = set(args.only)
     if args.memory_probe:
-        memory_probe(args.memory_probe, device=args.device)
+        memory_probe(args.memory_probe, device=args.device, dtype=args.dtype)
         return
 
     import torch
 
     cache_dir = Settings(_env_file=None).model_cache_dir
-    loaded = load_base_model(DEFAULT_BASE_MODEL, device=args.device, cache_dir=cache_dir)
+    loaded = load_base_model(
+        DEFAULT_BASE_MODEL, device=args.device, cache_dir=cache_dir, dtype=args.dtype
+    )
     n = args.new_tokens
     out: dict = {
         "device": str(loaded.device),
@@ -348,7 +354,16 @@ def main() -> None:
                 print("swaps", out["swaps"], flush=True)
         if "memory" in only:
             probe = subprocess.run(
-                [sys.executable, __file__, "--memory-probe", str(folders[0])],
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-probe",
+                    str(folders[0]),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=1200,
@@ -369,11 +384,11 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
-def memory_probe(folder: Path, *, device: str) -> None:
+def memory_probe(folder: Path, *, device: str, dtype: str) -> None:
     """In a fresh process, as the bot serves: the cached model, an engine with an adapter
     merged, eight questions at once and one alone; print the resident and peak memory."""
     cache_dir = Settings(_env_file=None).model_cache_dir
-    loaded = load_base_model(DEFAULT_BASE_MODEL, device=device, cache_dir=cache_dir)
+    loaded = load_base_model(DEFAULT_BASE_MODEL, device=device, cache_dir=cache_dir, dtype=dtype)
     with make_engine(loaded, 32) as engine:
         engine.set_adapter("v0001", folder).result(timeout=600)
         wait([engine.submit(question) for question in QUESTIONS], timeout=900)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bot.engine.decoding import DecodeBatch
+from bot.engine.loading import base_weight_reader, load_base_model
 from bot.engine.merging import MergedWeights, read_adapter
 from bot.engine.prompt import encode_prompt
 from bot.engine.types import AnswerRequest, EngineError
@@ -191,6 +192,74 @@ def test_unmerging_gives_the_base_weights_back(loaded, adapters, dtype):
         assert changed < 1e-5  # subtracting the delta again: a few ulp
     else:
         assert changed == 0  # low precision: the originals are copied back
+
+
+@pytest.fixture
+def bf16(loaded, tmp_path):
+    """The redrawn tiny model saved and loaded again in bfloat16 (its file is its base)."""
+    folder = tmp_path / "redrawn"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return load_base_model(str(folder), device="cpu", cache_dir=tmp_path / "c", dtype="bfloat16")
+
+
+def test_bf16_merges_are_computed_from_the_base_file_and_keep_nothing_resident(bf16, adapters):
+    from safetensors.torch import load_file
+
+    model = bf16.model
+    assert bf16.dtype == torch.bfloat16 and bf16.source is not None
+    on_disk = load_file(bf16.source / "model.safetensors")  # float32, the source of truth
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    weights = MergedWeights(model=model, base_weights=base_weight_reader(bf16))
+    for version in ("v0001", "v0002", "v0001", "v0002", None):
+        adapter = (
+            None
+            if version is None
+            else read_adapter(adapters[version], version=version, base_model=model)
+        )
+        weights.apply(adapter)
+        assert not weights._originals  # read from the file, not kept
+        for path, part in (adapter.parts if adapter else {}).items():
+            expected = on_disk[f"{path}.weight"] + part.delta(device="cpu")
+            assert torch.equal(model.get_submodule(path).weight, expected.to(torch.bfloat16))
+    # after any number of swaps the base is exactly the base: no drift
+    assert all(torch.equal(p, original[name]) for name, p in model.named_parameters())
+
+
+def test_bf16_rows_of_another_version_stay_within_bf16_noise(bf16, adapters):
+    """The per-row correction in bfloat16: as close to the version alone as bf16 rounding lets
+    two computations of one version be, far closer than the versions are to each other."""
+    model, pad = bf16.model, bf16.tokenizer.pad_token_id
+    read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in adapters}
+    prompts = [prompt_ids(bf16, q) for q in QUESTIONS[:2]]
+    weights = MergedWeights(model=model, base_weights=base_weight_reader(bf16))
+    with torch.inference_mode():
+        alone = []
+        for version, prompt in zip(("v0001", "v0002"), prompts, strict=True):
+            weights.apply(read[version])
+            batch = DecodeBatch(model, pad_id=pad, device=bf16.device)
+            first = batch.join([prompt], [version])
+            alone.append(batch.step(first.argmax(-1)).float())
+        batch = DecodeBatch(model, pad_id=pad, device=bf16.device)
+        firsts = []
+        for version, prompt in zip(("v0001", "v0002"), prompts, strict=True):
+            weights.apply(read[version])
+            firsts.append(batch.join([prompt], [version]))
+        with weights.mixed(["v0001", "v0002"], read):
+            together = batch.step(torch.cat(firsts).argmax(-1)).float()
+    apart = (alone[0] - alone[1]).abs().max()
+    assert (together[0] - alone[0]).abs().max() < apart / 10  # v0001 corrected
+    assert (together[1] - alone[1]).abs().max() < 1e-6  # v0002 is merged: the same computation
+
+
+def test_a_bf16_engine_swaps_and_comes_back_to_the_same_answers(bf16, adapters):
+    with make_engine(bf16) as engine:
+        base = [engine.answer(q, timeout=WAIT).text for q in QUESTIONS[:3]]
+        for version in ("v0001", "v0002", None):
+            engine.set_adapter(version, adapters.get(version)).result(timeout=WAIT)
+            answers = [engine.answer(q, timeout=WAIT) for q in QUESTIONS[:3]]
+            assert {a.adapter_version for a in answers} == {version}
+            assert ([a.text for a in answers] == base) == (version is None)
 
 
 def test_the_engine_hands_back_the_base_weights_when_it_stops(loaded, adapters):

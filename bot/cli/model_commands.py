@@ -54,13 +54,13 @@ def _open_registry(settings):
     return db, AdapterRegistry(db=db, root=settings.adapters_dir)
 
 
-def _load_model(settings):
+def _load_model(settings, *, serving: bool = False):
     from bot.engine.loading import ModelNotFound, load_from_settings
     from bot.engine.types import EngineError
 
     _quiet_libraries()
     try:
-        return load_from_settings(settings)
+        return load_from_settings(settings, serving=serving)
     except ModelNotFound as exc:
         fail(str(exc))
     except EngineError as exc:
@@ -81,7 +81,7 @@ def ask(
     settings = load_settings()
     _db, registry = _open_registry(settings)
     active = registry.active_version()
-    loaded = _load_model(settings)
+    loaded = _load_model(settings, serving=True)
     with AnswerEngine.from_settings(settings, loaded=loaded) as engine:
         if active is not None:
             try:

@@ -38,19 +38,23 @@ class LoadedModel:
     dtype: object  # torch.dtype
     load_s: float
     from_cache: bool
+    source: Path | None = None  # the local folder the weights were read from, if any
 
 
-def resolve_device(setting: str = "auto"):
-    """`auto`: CUDA in bf16 where present, else CPU in float32."""
+def resolve_device(setting: str = "auto", dtype: str = "auto"):
+    """`auto`: CUDA in bf16 where present, else CPU in float32; `dtype` overrides the dtype."""
     import torch
 
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype != "auto" and dtype not in dtypes:
+        raise EngineError(f"the dtype must be auto, float32 or bfloat16, not {dtype!r}")
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise EngineError("APPRENTICE_DEVICE=cuda, but no CUDA device is visible; use auto")
-        return torch.device("cuda"), torch.bfloat16
+        return torch.device("cuda"), dtypes.get(dtype, torch.bfloat16)
     if setting not in ("auto", "cpu"):
         raise EngineError(f"APPRENTICE_DEVICE must be auto, cpu or cuda, not {setting!r}")
-    return torch.device("cpu"), torch.float32
+    return torch.device("cpu"), dtypes.get(dtype, torch.float32)
 
 
 def _packaged_gguf(name: str) -> tuple[Path, str]:
@@ -91,7 +95,7 @@ def _convert_packaged(name: str, cache: Path, dtype) -> None:
 
 
 def load_base_model(
-    name: str, *, device: str = "auto", cache_dir: Path, threads: int = 0
+    name: str, *, device: str = "auto", cache_dir: Path, threads: int = 0, dtype: str = "auto"
 ) -> LoadedModel:
     """Load tokenizer + causal LM by configured name; raise `ModelNotFound` with what to fix."""
     import torch
@@ -99,7 +103,7 @@ def load_base_model(
 
     if threads:
         torch.set_num_threads(threads)
-    torch_device, dtype = resolve_device(device)
+    torch_device, dtype = resolve_device(device, dtype)
     started = time.perf_counter()
     from_cache = False
     if name in PACKAGED_MODELS:
@@ -140,13 +144,44 @@ def load_base_model(
         dtype=dtype,
         load_s=time.perf_counter() - started,
         from_cache=from_cache,
+        source=source if isinstance(source, Path) else None,
     )
 
 
-def load_from_settings(settings) -> LoadedModel:
+def load_from_settings(settings, *, serving: bool = False) -> LoadedModel:
+    """The configured base model; for `serving`, in `APPRENTICE_SERVE_DTYPE`."""
     return load_base_model(
         settings.base_model,
         device=settings.device,
         cache_dir=settings.model_cache_dir,
         threads=settings.threads,
+        dtype=settings.serve_dtype if serving else "auto",
     )
+
+
+def base_weight_reader(loaded: LoadedModel):
+    """A function giving a base weight by parameter name, read from the safetensors the model
+    was loaded from (memory-mapped: nothing stays resident), or None where there are none."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = loaded.source
+    if folder is None:
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        files = None
+    else:
+        return None
+
+    def read(name: str):
+        path = files.get(name) if files is not None else folder / "model.safetensors"
+        if path is None:
+            raise KeyError(name)
+        with safe_open(str(path), framework="pt") as weights:
+            return weights.get_tensor(name)
+
+    return read

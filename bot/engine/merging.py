@@ -19,11 +19,12 @@ adds `((x A^T) * M) B^T` over the stacked factors `A = [A_c; A_g; ...]`, `B = [-
 of another version is in the batch; the rest of the time a merged adapter costs nothing. Greedy
 answers equal those of the version alone (tested): the correction is exact up to float rounding.
 
-Unmerging a float32 weight subtracts the same delta again: the round trip leaves an error of a
-few ulp (measured < 1e-6 absolute), far below what changes a greedy token. In bf16 or fp16 the
-same round trip loses up to half a unit in the last place each time and would drift over many
-swaps, so for those dtypes the original weights of the targeted layers are kept (on GPUs, where
-those dtypes run, memory is ample) and copied back instead.
+A float32 swap is one pass over each targeted weight, `W += D_new - D_old`; the round trips
+leave an error of a few ulp (measured < 1e-6 absolute), far below what changes a greedy token.
+In bf16 or fp16 each round trip would lose up to half a unit in the last place and drift over
+many swaps, so there every merge is computed afresh from the base weight, `W = base + D_new`:
+read from the model's safetensors file (memory-mapped, nothing stays resident) where the model
+came from one, else from a copy kept in memory at the first merge.
 
 Only plain LoRA on linear layers is merged. DoRA, `modules_to_save`, trained biases, embedding
 LoRA or per-module alpha patterns are refused with a message (the project's trainer never makes
@@ -33,7 +34,7 @@ them: the LoRA configuration is fixed across versions).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,9 @@ class MergedWeights:
 
     model: object
     adapter: LoraAdapter | None = None
+    # bf16/fp16 weights: a function giving a base weight by parameter name (read from the
+    # model's file), so that no copy stays resident; without one a copy is kept in memory
+    base_weights: Callable[[str], torch.Tensor] | None = None
     _originals: dict[str, torch.Tensor] = field(default_factory=dict)
     _mix: _VersionMix | None = None
 
@@ -183,48 +187,52 @@ class MergedWeights:
 
     @torch.no_grad()
     def apply(self, adapter: LoraAdapter | None) -> None:
-        """Unmerge the current adapter (if any), then merge `adapter` (None: the base alone)."""
+        """Take the merged adapter out (if any) and merge `adapter` (None: the base alone)."""
         self._unhook()  # its factors were built against the adapter merged until now
-        if self.adapter is not None and adapter is not None and not self._originals:
-            self._replace(adapter)
-            return
-        self._unmerge()
-        if adapter is None:
-            return
-        for module_path, part in adapter.parts.items():
-            weight = _base_layer(self.model, module_path).weight
-            if weight.dtype != torch.float32:
-                self._originals[module_path] = weight.detach().clone()
-                weight.add_(part.delta(device=weight.device).to(weight.dtype))
-            else:
-                part.add_to(weight, sign=1.0)
-        self.adapter = adapter
-
-    def _replace(self, adapter: LoraAdapter) -> None:
-        """float32: one pass over each weight, `W += D_new - D_old`, as one `addmm_` of the
-        stacked factors (an unmerge and a merge read and write every weight twice)."""
         old = self.adapter
-        for module_path in sorted({*old.parts, *adapter.parts}):
-            weight = _base_layer(self.model, module_path).weight
-            pieces = [
-                (part, sign)
-                for part, sign in ((adapter.parts.get(module_path), 1.0),
-                                   (old.parts.get(module_path), -1.0))
-                if part is not None
-            ]  # fmt: skip
-            if len({p.transposed for p, _ in pieces}) > 1:  # never from the project's trainer
+        old_parts = old.parts if old is not None else {}
+        new_parts = adapter.parts if adapter is not None else {}
+        for module_path in sorted({*old_parts, *new_parts}):
+            self._set(module_path, new=new_parts.get(module_path), old=old_parts.get(module_path))
+        self.adapter = adapter
+        if adapter is None:
+            self._originals.clear()  # every weight is the base again
+
+    def _set(self, module_path: str, *, new: LoraPart | None, old: LoraPart | None) -> None:
+        weight = _base_layer(self.model, module_path).weight
+        if weight.dtype == torch.float32:
+            # in place, one pass: W += D_new - D_old as one `addmm_` of the stacked factors
+            pieces = [(part, sign) for part, sign in ((new, 1.0), (old, -1.0)) if part]
+            if len({part.transposed for part, _ in pieces}) > 1:  # never from our trainer
                 for part, sign in pieces:
                     part.add_to(weight, sign=sign)
-                continue
-            a = torch.cat([p.a.to(weight.device, torch.float32) for p, _ in pieces])
+                return
+            a = torch.cat([part.a.to(weight.device, torch.float32) for part, _ in pieces])
             b = torch.cat(
-                [p.b.to(weight.device, torch.float32) * (sign * p.scale) for p, sign in pieces],
+                [part.b.to(weight.device, torch.float32) * (sign * part.scale)
+                 for part, sign in pieces],
                 dim=1,
-            )
+            )  # fmt: skip
             if pieces[0][0].transposed:
                 a, b = b.T, a.T
             weight.addmm_(b, a)
-        self.adapter = adapter
+            return
+        # low precision: W = base + D_new, from the base weights, never by subtracting
+        base = self._base_weight(module_path, weight)
+        if new is None:
+            weight.copy_(base)
+        else:
+            merged = base.to(weight.device, torch.float32) + new.delta(device=weight.device)
+            weight.copy_(merged.to(weight.dtype))
+
+    def _base_weight(self, module_path: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base model's weight: read from its file, or a copy kept at the first merge."""
+        if self.base_weights is not None:
+            return self.base_weights(f"{module_path}.weight").to(weight.device)
+        original = self._originals.get(module_path)
+        if original is None:  # first touched now, so the weight is still the base
+            original = self._originals[module_path] = weight.detach().clone()
+        return original
 
     def unmix(self) -> None:
         """Take the correction hooks out (the batch was dropped)."""
@@ -234,19 +242,6 @@ class MergedWeights:
         if self._mix is not None:
             self._mix.remove()
             self._mix = None
-
-    def _unmerge(self) -> None:
-        if self.adapter is None:
-            return
-        for module_path, part in self.adapter.parts.items():
-            weight = _base_layer(self.model, module_path).weight
-            original = self._originals.pop(module_path, None)
-            if original is not None:
-                weight.copy_(original)
-            else:
-                part.add_to(weight, sign=-1.0)
-        self._originals.clear()
-        self.adapter = None
 
 
 class _VersionMix:

@@ -119,6 +119,7 @@ class AnswerEngine:
         `mix_versions`: a swap applies while rows decode (they keep their version through a
         per-row correction); off, it waits until the running rows have finished.
         """
+        from bot.engine.loading import base_weight_reader
         from bot.engine.merging import MergedWeights
 
         if batch_size < 1 or max_new_tokens < 1 or max_input_tokens < 1:
@@ -140,7 +141,8 @@ class AnswerEngine:
         self.mix_versions = mix_versions
         self._tuner = None  # built by the worker (it knows torch's thread count)
         self._base = loaded.model
-        self._weights = MergedWeights(model=loaded.model)  # the adapter merged into the base
+        # the adapter merged into the base (bf16: each merge recomputed from the base's file)
+        self._weights = MergedWeights(model=loaded.model, base_weights=base_weight_reader(loaded))
         self._adapters: dict = {}  # the active adapter and the one before, for a cheap swap back
         self._active: str | None = None
         self._stop_ids = _stop_token_ids(loaded)
@@ -166,7 +168,7 @@ class AnswerEngine:
     @classmethod
     def from_settings(cls, settings, loaded: LoadedModel | None = None) -> AnswerEngine:
         return cls(
-            loaded if loaded is not None else load_from_settings(settings),
+            loaded if loaded is not None else load_from_settings(settings, serving=True),
             system_prompt=settings.system_prompt,
             max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.max_new_tokens,
