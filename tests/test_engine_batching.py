@@ -18,7 +18,14 @@ from bot.engine.loading import base_weight_reader, load_base_model
 from bot.engine.merging import MergedWeights, read_adapter
 from bot.engine.prompt import encode_prompt
 from bot.engine.types import AnswerRequest, EngineError
-from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_adapter, make_engine
+from tests.test_engine_worker import (
+    QUESTIONS,
+    WAIT,
+    Gate,
+    load_tiny,
+    make_adapter,
+    make_engine,
+)
 
 
 @pytest.fixture
@@ -306,13 +313,43 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(loade
             with weights.mixed(versions, read):
                 together.append(batch.step(together[-1].argmax(-1)))
         assert weights.mixing
-        with weights.mixed(["v0002"], read):  # only rows of the merged version left
-            assert not weights.mixing
+        assert any("forward" in vars(module) for module in model.modules())
+        weights.unmix()  # the layers get their own forwards back
+        assert not weights.mixing
+        assert not any("forward" in vars(module) for module in model.modules())
     for row, expected in enumerate(alone):
         got = torch.stack([step[row] for step in together])
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     # and the versions really differ, so the correction is what made them equal
     assert (alone[0] - alone[1]).abs().max() > 1e-2 and (alone[0] - alone[2]).abs().max() > 1e-2
+
+
+def test_questions_on_both_sides_of_a_swap_are_prefilled_together(loaded, adapters):
+    """Three questions, a swap, three more, queued while the worker is busy: one prefill
+    admits all six, each row on the version its place in the queue gives."""
+    questions = QUESTIONS[:3]
+    reference = {}
+    for version in (None, "v0001"):
+        with make_engine(loaded) as engine:
+            engine.set_adapter(version, adapters.get(version)).result(timeout=WAIT)
+            reference[version] = [engine.answer(q, timeout=WAIT).text for q in questions]
+    with make_engine(loaded) as engine:
+        gate = Gate()
+        first = engine.submit(AnswerRequest(QUESTIONS[4], max_new_tokens=4), on_partial=gate)
+        assert gate.entered.wait(WAIT)  # the worker waits inside the first answer's step
+        before = [engine.submit(q) for q in questions]
+        swap = engine.set_adapter("v0001", adapters["v0001"])
+        after = [engine.submit(q) for q in questions]
+        gate.release.set()
+        first.result(timeout=WAIT)
+        swap.result(timeout=WAIT)
+        answered = [f.result(timeout=WAIT) for f in before + after]
+        stats = engine.stats()
+    assert stats["batches"] == 2  # the first question's prefill, then one for the six
+    assert [(a.adapter_version, a.text) for a in answered] == [
+        *((None, text) for text in reference[None]),
+        *(("v0001", text) for text in reference["v0001"]),
+    ]
 
 
 @pytest.mark.parametrize("mix_versions", [True, False], ids=["mixed", "drained"])

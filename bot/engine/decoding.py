@@ -27,6 +27,11 @@ the system message) are prefilled whole. The prefix's keys and values depend on 
 after an adapter swap `use_weights(version)` selects that version's (computed when first used;
 the last few versions are kept, ~1.5 MB each for SmolLM2, so swapping back recomputes nothing).
 
+Rows of several weight versions (`keys`): each row carries the key of the weights it decodes
+with (an adapter version). When `weights_for` is set, every forward runs inside
+`weights_for(keys of that forward's rows)`, which makes the model compute each row with its own
+weights (the engine's per-row LoRA correction); prefix states are then per key as well.
+
 Only plain `DynamicLayer` caches can be merged this way. A model with sliding-window or other
 special cache layers still works: `can_join` is then False and the worker admits newcomers only
 when the batch is empty (static batching).
@@ -34,7 +39,9 @@ when the batch is empty (static batching).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -50,6 +57,9 @@ class DecodeBatch:
         self.pad_id = pad_id
         self.device = device
         self.rows: list[Any] = []  # the caller's per-row objects, in batch order
+        self.keys: list[object] = []  # the weights each row decodes with (see `use_weights`)
+        # keys of a forward's rows -> a context in which each row gets its own key's weights
+        self.weights_for: Callable[[list], AbstractContextManager] | None = None
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, columns) 1 = a real token
         self.positions: torch.Tensor | None = None  # (rows,) the position of the next token
@@ -99,12 +109,19 @@ class DecodeBatch:
         while len(self._kept_states) >= keep:
             self._kept_states.pop(next(iter(self._kept_states)))  # the oldest first
 
-    def join(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any]) -> torch.Tensor:
+    def join(
+        self,
+        prompts: Sequence[Sequence[int]],
+        rows: Sequence[Any],
+        keys: Sequence[object] | None = None,
+    ) -> torch.Tensor:
         """Prefill `prompts` and merge them into the batch; return their last logits.
 
-        The rows are appended in a new order: those starting with the prefix first. The logits
-        follow the order of `self.rows[-len(rows):]`.
+        `keys`: the weights each newcomer decodes with (default: the current ones). The rows
+        are appended in a new order: those starting with the prefix first. The logits follow
+        the order of `self.rows[-len(rows):]`.
         """
+        keys = list(keys) if keys is not None else [self._weights_key] * len(prompts)
         size = len(self.prefix)
         shared = [i for i, ids in enumerate(prompts) if size and len(ids) > size
                   and tuple(ids[:size]) == self.prefix]  # fmt: skip
@@ -112,11 +129,23 @@ class DecodeBatch:
         logits = []
         for group, skip in ((shared, size), (whole, 0)):
             if group:
-                logits.append(self._join_group([prompts[i] for i in group], skip=skip))
+                group_keys = [keys[i] for i in group]
+                logits.append(
+                    self._join_group([prompts[i] for i in group], keys=group_keys, skip=skip)
+                )
                 self.rows.extend(rows[i] for i in group)
+                self.keys.extend(group_keys)
         return torch.cat(logits)
 
-    def _join_group(self, prompts: Sequence[Sequence[int]], *, skip: int) -> torch.Tensor:
+    def _weights(self, keys: list):
+        """The context a forward over rows of `keys` runs in."""
+        if self.weights_for is None:
+            return contextlib.nullcontext()
+        return self.weights_for(keys)
+
+    def _join_group(
+        self, prompts: Sequence[Sequence[int]], *, keys: list, skip: int
+    ) -> torch.Tensor:
         """Prefill one group (their first `skip` tokens from the prefix cache) and merge it."""
         tails = [list(ids[skip:]) for ids in prompts]
         width = max(len(ids) for ids in tails)
@@ -129,21 +158,30 @@ class DecodeBatch:
         positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         if skip:
-            for layer, (keys, values) in zip(cache.layers, self._prefix_cache(), strict=True):
-                layer.update(
-                    keys.expand(len(tails), -1, -1, -1).contiguous(),
-                    values.expand(len(tails), -1, -1, -1).contiguous(),
-                )
+            states = {key: self._prefix_cache(key) for key in dict.fromkeys(keys)}
+            for index, layer in enumerate(cache.layers):
+                if len(states) == 1:  # one version: one prefix, expanded
+                    prefix_keys, prefix_values = next(iter(states.values()))[index]
+                    layer.update(
+                        prefix_keys.expand(len(tails), -1, -1, -1).contiguous(),
+                        prefix_values.expand(len(tails), -1, -1, -1).contiguous(),
+                    )
+                else:  # each row the prefix of its own version
+                    layer.update(
+                        torch.cat([states[key][index][0] for key in keys]),
+                        torch.cat([states[key][index][1] for key in keys]),
+                    )
             prefix_mask = torch.ones((len(tails), skip), dtype=torch.long, device=self.device)
             mask = torch.cat([prefix_mask, mask], dim=1)
-        output = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._weights(keys):
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         next_positions = mask.sum(-1)
         if self.cache is None:
             self.cache, self.mask, self.positions = cache, mask, next_positions
@@ -151,31 +189,40 @@ class DecodeBatch:
             self._merge(cache, mask, next_positions)
         return output.logits[:, -1, :]
 
-    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self._prefix_states is None:
+    def _prefix_cache(self, key: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys and values for the weights `key` (computed once, then kept)."""
+        current = key == self._weights_key
+        states = self._prefix_states if current else self._kept_states.get(key)
+        if states is None:
             cache = DynamicCache(config=self.model.config)
-            self.model(
-                input_ids=torch.tensor([self.prefix], dtype=torch.long, device=self.device),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            self._prefix_states = [(layer.keys, layer.values) for layer in cache.layers]
-        return self._prefix_states
+            with self._weights([key]):
+                self.model(
+                    input_ids=torch.tensor([self.prefix], dtype=torch.long, device=self.device),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            states = [(layer.keys, layer.values) for layer in cache.layers]
+            if current:
+                self._prefix_states = states
+            else:
+                self._kept_states[key] = states
+        return states
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its last token (`tokens`, shape (rows,)); return the next logits."""
         self.tokens = tokens
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        output = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.positions[:, None],
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._weights(self.keys):
+            output = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=self.positions[:, None],
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.positions = self.positions + 1
         return output.logits[:, -1, :]
 
@@ -188,6 +235,7 @@ class DecodeBatch:
             return
         index = torch.tensor(list(indices), dtype=torch.long, device=self.device)
         self.rows = [self.rows[i] for i in indices]
+        self.keys = [self.keys[i] for i in indices]
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.positions = self.positions[index]
@@ -203,6 +251,7 @@ class DecodeBatch:
 
     def clear(self) -> None:
         self.rows, self.cache, self.mask, self.positions, self.tokens = [], None, None, None, None
+        self.keys = []
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         width = max(self.width, int(mask.shape[1]))

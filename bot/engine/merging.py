@@ -167,13 +167,12 @@ class MergedWeights:
         """Within the block, the batch's row `i` runs as if `versions[i]` were merged.
 
         `versions` names each row of the next forward, in batch order (None: the base model);
-        `adapters` holds every version named other than the merged one. The hooks stay in
-        place between blocks while other versions remain (a forward outside a block is not
-        corrected), and go as soon as every row is on the merged version.
+        `adapters` holds every version named other than the merged one. The replaced forwards
+        stay in place between blocks (a forward outside a block, or one whose rows are all on
+        the merged version, is not corrected) until `unmix`.
         """
         others = tuple(sorted({v for v in versions if v != self.version}, key=str))
         if not others:
-            self._unhook()
             yield
             return
         if self._mix is None or self._mix.key != (self.version, others):
@@ -235,7 +234,7 @@ class MergedWeights:
         return original
 
     def unmix(self) -> None:
-        """Take the correction hooks out (the batch was dropped)."""
+        """Give the layers their own forwards back (no row of another version is left)."""
         self._unhook()
 
     def _unhook(self) -> None:

@@ -18,9 +18,11 @@ asked after a swap was requested is answered by the new version, and an answer i
 finishes on the version it started with. When a swap reaches the head of the queue the worker
 merges the new adapter at once, between two steps; the rows still decoding keep their version
 through a per-row low-rank correction (`MergedWeights.mixed`) until they finish, while the
-newcomers decode on the new one in the same batch. So a swap costs the merge (~0.1 s) and no
-narrower batch. (`mix_versions=False` drains instead: admissions stop until the running rows
-finish; the benchmark compares the two.) A swap reads and checks the whole folder (config,
+newcomers decode on the new one in the same batch. Questions queued on both sides of a swap are
+prefilled together, each row with its own version's weights (and prefix states), so swaps do
+not split admissions either. A swap costs the merge (~0.1 s) and no narrower batch.
+(`mix_versions=False` drains instead: admissions stop until the running rows finish; the
+benchmark compares the two.) A swap reads and checks the whole folder (config,
 weights, shapes against the base model) before touching the weights, so a broken folder is
 refused and the previous adapter keeps serving. When the worker exits the adapter is unmerged:
 the `LoadedModel` is the base again.
@@ -281,30 +283,44 @@ class AnswerEngine:
             self._pending.append(item)
             self._cond.notify()
 
-    def _next_work(self, *, running: int, can_join: bool) -> _Swap | list[_Job] | None:
-        """What to do before the next step: a swap, newcomers to admit ([] for none), or None.
+    def _next_work(self, *, running: int, can_join: bool) -> _Swap | list[_Job | _Swap] | None:
+        """What to do before the next step: swaps and newcomers, in queue order ([]: nothing
+        new), a lone swap (without `mix_versions`), or None.
 
         Blocks only when no row is decoding. None means: stopping and nothing left to finish.
-        A swap at the head of the queue applies now; without `mix_versions` it stops
-        admissions until the running rows have finished (drain).
+        With `mix_versions`, newcomers are taken across the swaps between them, in queue order
+        (each is answered by the version its place in the queue gives), so that one prefill
+        serves them all; a swap at the head with nothing to admit comes back alone. Without
+        it, a swap at the head stops admissions until the running rows have finished (drain).
         """
         with self._cond:
             while not self._pending and not running and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return [] if running else None
-            if not self._pending or (running and not can_join):
+            if not self._pending:
                 return []
-            if isinstance(self._pending[0], _Swap):
-                return [] if running and not self.mix_versions else self._pending.popleft()
-            jobs = []
-            while self._pending and isinstance(self._pending[0], _Job):
-                if running + len(jobs) == self.batch_size:
+            if isinstance(self._pending[0], _Swap) and not self.mix_versions:
+                return [] if running else self._pending.popleft()
+            work: list[_Job | _Swap] = []
+            if running and not can_join:  # no newcomer can join now; swaps still apply
+                while self._pending and isinstance(self._pending[0], _Swap):
+                    work.append(self._pending.popleft())
+                return work
+            room = self.batch_size - running
+            while self._pending:
+                if isinstance(self._pending[0], _Swap):
+                    if not self.mix_versions:
+                        break
+                    work.append(self._pending.popleft())  # applies now, even to a full batch
+                    continue
+                if not room:
                     break
                 job = self._pending.popleft()
                 if job.future.set_running_or_notify_cancel():  # False: the caller gave up
-                    jobs.append(job)
-            return jobs
+                    work.append(job)
+                    room -= 1
+            return work
 
     def _run(self) -> None:
         import torch
@@ -314,6 +330,8 @@ class AnswerEngine:
 
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
+        # rows admitted before a swap decode on their own version: corrected per row
+        batch.weights_for = lambda versions: self._weights.mixed(versions, self._adapters)
         threads_at_start = torch.get_num_threads()  # process-wide: the tuner's choice must not
         # outlive the engine (a trainer using the same process afterwards wants all threads)
         if self.tune_threads and getattr(self.loaded.device, "type", "cpu") == "cpu":
@@ -324,34 +342,43 @@ class AnswerEngine:
                 if work is None:
                     return
                 if isinstance(work, _Swap):
-                    self._swap(work, keep={row.version for row in batch.rows})
-                    batch.use_weights(self._active)  # the prefix's keys and values differ
-                    continue
+                    work = [work]
+                jobs, versions = [], []
+                for item in work:  # swaps first, in order; each job keeps its place's version
+                    if isinstance(item, _Swap):
+                        self._swap(item, keep={*batch.keys, *versions})
+                        batch.use_weights(self._active)  # the prefix's keys and values differ
+                    else:
+                        jobs.append(item)
+                        versions.append(self._active)
                 try:
                     with torch.inference_mode():
-                        if work:
-                            self._admit(batch, work)
+                        if jobs:
+                            self._admit(batch, jobs, versions)
                         if len(batch):
                             self._step(batch)
                 except Exception as exc:  # a bug must not kill the worker and hang every caller
                     log.exception("the engine worker failed while decoding")
-                    rows = [*batch.rows, *(_Row(job=job) for job in work)]
+                    rows = [*batch.rows, *(_Row(job=job) for job in jobs)]
                     batch.clear()
                     self._weights.unmix()
                     for row in rows:
                         if not row.job.future.done():
                             self._counts["failed"] += 1
                             _fail(row.job.future, EngineError(f"the answer engine failed: {exc}"))
+                if self._weights.mixing and all(key == self._active for key in batch.keys):
+                    self._weights.unmix()  # no row of another version is left
         finally:
             self._weights.apply(None)  # hand the LoadedModel back as the base model it was
             if torch.get_num_threads() != threads_at_start:
                 torch.set_num_threads(threads_at_start)
 
-    def _admit(self, batch, jobs: list[_Job]) -> None:
-        """Prefill the newcomers as one group and merge them into the running batch."""
+    def _admit(self, batch, jobs: list[_Job], versions: list[str | None]) -> None:
+        """Prefill the newcomers as one group and merge them into the running batch; each
+        decodes with the adapter version beside it in `versions`."""
         tokenizer = self.loaded.tokenizer
         rows, prompts = [], []
-        for job in jobs:
+        for job, version in zip(jobs, versions, strict=True):
             try:
                 prompt = encode_prompt(
                     tokenizer,
@@ -367,14 +394,15 @@ class AnswerEngine:
             stream = RowStream(
                 tokenizer=tokenizer, callback=job.on_partial, stop_ids=self._stop_ids, limit=limit
             )
-            rows.append(_Row(job=job, prompt=prompt, stream=stream, version=self._active))
+            rows.append(_Row(job=job, prompt=prompt, stream=stream, version=version))
             prompts.append(prompt.input_ids)
         if not rows:
             return
         started = time.perf_counter()
         for row in rows:
             row.admitted_at = started
-        logits = batch.join(prompts, rows)  # rows sharing the prefix come first
+        # rows sharing the prefix come first
+        logits = batch.join(prompts, rows, keys=[row.version for row in rows])
         self._counts["batches"] += 1
         self._counts["last_batch_size"] = len(rows)
         joined = batch.rows[len(batch) - len(rows) :]
@@ -411,15 +439,8 @@ class AnswerEngine:
                 _fail(row.job.future, EngineStopped(STOPPED))
             return
         tuner = self._tuner
-        # rows admitted before a swap finish on their version: corrected per row in this step
-        versions = [row.version for row in batch.rows]
-        mixed = self._weights.mixed(versions, self._adapters)
-        if tuner is None:
-            with mixed:
-                logits = batch.step(batch.tokens)
-        elif any(version != self._active for version in versions):
-            with mixed:  # a corrected step is slower: no probe, no sample for the tuner
-                logits = batch.step(batch.tokens)
+        if tuner is None or any(key != self._active for key in batch.keys):
+            logits = batch.step(batch.tokens)  # a corrected step: no probe, no tuner sample
         else:
             import torch
 
@@ -427,8 +448,7 @@ class AnswerEngine:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             started = time.perf_counter()
-            with mixed:
-                logits = batch.step(batch.tokens)
+            logits = batch.step(batch.tokens)
             tuner.record(threads=threads, width=len(batch), seconds=time.perf_counter() - started)
         self._counts["steps"] += 1
         self._take(batch, batch.rows, logits, offset=0)
