@@ -229,8 +229,11 @@ def peft_unmerged_overhead(loaded, folder: Path, *, n: int) -> dict:
     return {"ratio": unmerged / base}
 
 
-def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int) -> dict:
-    """`questions` questions with `swaps` swaps among them, against the same run without swaps."""
+def swaps_under_load(
+    engine, folders: list[Path], *, questions: int, swaps: int, repeats: int = 3
+) -> dict:
+    """`questions` questions with `swaps` swaps among them, against the same run without swaps;
+    `repeats` rounds of the three runs in turn, medians."""
     requests = [AnswerRequest(QUESTIONS[i % len(QUESTIONS)]) for i in range(questions)]
     every = questions // swaps
 
@@ -251,23 +254,31 @@ def swaps_under_load(engine, folders: list[Path], *, questions: int, swaps: int)
         return elapsed, futures, expected, swap_futures
 
     # the engine's way (rows of the old version decode beside the new one) and, for reference,
-    # draining the batch at each swap; the plain run between them, so drift hits both alike
+    # draining the batch at each swap; the plain run between them, so drift hits all alike
     mixed = engine.mix_versions
-    engine.mix_versions = False
-    drained_s, _, _, _ = run(True)
-    engine.mix_versions = mixed
-    plain_s, _, _, _ = run(False)
-    swapped_s, futures, expected, swap_futures = run(True)
-    swap_s = sum(f.result() for f in swap_futures if f.exception() is None)
-    failed = sum(f.exception() is not None for f in futures)
-    results = [f.result() for f in futures if f.exception() is None]
-    wrong = sum(r.adapter_version != v for r, v, f in zip(results, expected, futures, strict=False))
+    drained, plain, swapped, swapping = [], [], [], []
+    failed = wrong = duplicates = 0
+    for _ in range(repeats):
+        engine.mix_versions = False
+        drained.append(run(True)[0])
+        engine.mix_versions = mixed
+        plain.append(run(False)[0])
+        elapsed, futures, expected, swap_futures = run(True)
+        swapped.append(elapsed)
+        swapping.append(sum(f.result() for f in swap_futures if f.exception() is None))
+        failed += sum(f.exception() is not None for f in futures)
+        results = [f.result() for f in futures if f.exception() is None]
+        wrong += sum(r.adapter_version != v for r, v in zip(results, expected, strict=False))
+        duplicates += len(results) - len({id(r) for r in results})
+    plain_s, swapped_s, drained_s = median(plain), median(swapped), median(drained)
+    swap_s = median(swapping)
     engine.set_adapter(None, None).result(timeout=600)
     answered = engine.stats()["answered"]
     return {
         "failed": failed,
         "wrong_version": wrong,
-        "duplicates": len(results) - len({id(r) for r in results}),
+        "duplicates": duplicates,
+        "runs": repeats,
         "throughput_ratio": plain_s / swapped_s,
         "drained_throughput_ratio": plain_s / drained_s,
         # of the extra wall time, the part the worker spent swapping (reading, merging)
@@ -349,7 +360,11 @@ def main() -> None:
             engine.answer("warm up", timeout=600)
             if "swaps" in only:
                 out["swaps"] = swaps_under_load(
-                    engine, folders, questions=args.swap_questions, swaps=args.swaps
+                    engine,
+                    folders,
+                    questions=args.swap_questions,
+                    swaps=args.swaps,
+                    repeats=args.repeats,
                 )
                 print("swaps", out["swaps"], flush=True)
         if "memory" in only:
