@@ -354,6 +354,8 @@ class AnswerEngine:
                 try:
                     with torch.inference_mode():
                         if jobs:
+                            if self._tuner and torch.get_num_threads() != self._tuner.choice:
+                                torch.set_num_threads(self._tuner.choice)  # not a probe's
                             self._admit(batch, jobs, versions)
                         if len(batch):
                             self._step(batch)
@@ -439,17 +441,21 @@ class AnswerEngine:
                 _fail(row.job.future, EngineStopped(STOPPED))
             return
         tuner = self._tuner
-        if tuner is None or any(key != self._active for key in batch.keys):
-            logits = batch.step(batch.tokens)  # a corrected step: no probe, no tuner sample
+        if tuner is None:
+            logits = batch.step(batch.tokens)
         else:
             import torch
 
-            threads = tuner.threads_for(len(batch))
-            if threads != torch.get_num_threads():
+            # a corrected step (rows of another version) is slower: no probe, no sample
+            corrected = any(key != self._active for key in batch.keys)
+            threads = tuner.choice if corrected else tuner.threads_for(len(batch))
+            if threads != torch.get_num_threads():  # a probe's count must not linger
                 torch.set_num_threads(threads)
             started = time.perf_counter()
             logits = batch.step(batch.tokens)
-            tuner.record(threads=threads, width=len(batch), seconds=time.perf_counter() - started)
+            if not corrected:
+                seconds = time.perf_counter() - started
+                tuner.record(threads=threads, width=len(batch), seconds=seconds)
         self._counts["steps"] += 1
         self._take(batch, batch.rows, logits, offset=0)
 
