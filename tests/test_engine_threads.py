@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.engine.threads import ThreadTuner
-from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_engine
+from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_adapter, make_engine
 
 
 def drive(tuner: ThreadTuner, seconds_per_threads: dict[int, float], *, steps: int, width=4):
@@ -79,3 +79,48 @@ def test_tuned_engine_gives_the_same_answers(loaded):
     assert stats["threads"] in {1, before}
     if before > 1:
         assert probes >= 1  # the other thread count did run steps
+
+
+@pytest.fixture
+def adapters(tiny_model_dir, tmp_path):
+    return {"v0001": make_adapter(tiny_model_dir, tmp_path / "c", tmp_path / "v0001", seed=11)}
+
+
+class AlwaysProbing(ThreadTuner):
+    """Runs every step it may on the other thread count (a probe every step)."""
+
+    def threads_for(self, width: int) -> int:
+        return self.other
+
+
+def test_corrected_steps_run_on_the_chosen_threads_not_a_probes(loaded, adapters, monkeypatch):
+    """A probe's thread count ends with its step: the steps that correct rows of an older
+    version (never probed) run on the tuner's choice."""
+    import torch
+
+    from bot.engine import threads as threads_module
+    from bot.engine.types import AnswerRequest
+    from tests.test_engine_worker import Gate
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: nothing to choose between")
+    monkeypatch.setattr(threads_module, "ThreadTuner", AlwaysProbing)
+    most = torch.get_num_threads()
+    seen = []  # (merged version, thread count) at each partial of the answer in flight
+    with make_engine(loaded, tune_threads=True) as engine:
+        gate = Gate()
+
+        def on_partial(text: str) -> None:
+            gate(text)
+            seen.append((engine.active_version, torch.get_num_threads()))
+
+        request = AnswerRequest("What is the capital of France?", max_new_tokens=24)
+        in_flight = engine.submit(request, on_partial=on_partial)
+        assert gate.entered.wait(WAIT)
+        engine.set_adapter("v0001", adapters["v0001"])
+        gate.release.set()
+        assert in_flight.result(timeout=WAIT).adapter_version is None
+    assert engine._tuner.choice == most
+    assert (None, 1) in seen  # the uncorrected steps did run the probe's single thread
+    corrected = [threads for version, threads in seen if version == "v0001"]
+    assert corrected and set(corrected) == {most}  # never the probe's single thread
