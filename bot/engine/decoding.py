@@ -89,11 +89,6 @@ class DecodeBatch:
             self._prefix_states = None
             self._kept_states = {}
 
-    def forget_prefix(self) -> None:
-        """Drop the prefix's keys and values (the weights changed); recomputed when next used."""
-        self._prefix_states = None
-        self._kept_states = {}
-
     def use_weights(self, key: object, *, keep: int = 3) -> None:
         """The model's weights are now those named `key` (an adapter version; None: the base).
 

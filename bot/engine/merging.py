@@ -8,16 +8,17 @@ would stay in the forward path even when merged (still a Python call per layer),
 reading the adapter file is then all a swap needs: no module rebuild, no wrapper to remove.
 
 A swap is: read and check the new adapter completely (shapes against the base model) while the
-old one keeps serving, then unmerge the old one and merge the new one in place.
+old one keeps serving, then replace the old one's delta by the new one's in place.
 
 Rows of other versions (`MergedWeights.mixed`): a swap does not wait for the answers in flight.
 Those rows keep their version through a per-row low-rank correction: a row on version `g` while
 `c` is merged needs `x (W + D_g)^T = x (W + D_c)^T + x (D_g - D_c)^T`, and with `D = s B A` the
-last term is two thin matmuls. So while such rows decode, a forward hook on each targeted layer
-adds `((x A^T) * M) B^T` over the stacked factors `A = [A_c; A_g; ...]`, `B = [-s_c B_c, s_g B_g,
-...]` and a (rows, rank) mask `M` that picks each row's factors. The hooks exist only while a row
-of another version is in the batch; the rest of the time a merged adapter costs nothing. Greedy
-answers equal those of the version alone (tested): the correction is exact up to float rounding.
+last term is two thin matmuls. So while such rows decode, each targeted layer's forward is
+replaced by one that adds `((x A^T) * M) B^T` over the stacked factors `A = [A_c; A_g; ...]`,
+`B = [-s_c B_c, s_g B_g, ...]` and a (rows, rank) mask `M` that picks each row's factors. The
+replaced forwards exist only until no row of another version is left (`unmix`); the rest of the
+time a merged adapter costs nothing. Greedy answers equal those of the version alone (tested):
+the correction is exact up to float rounding.
 
 A float32 swap is one pass over each targeted weight, `W += D_new - D_old`; the round trips
 leave an error of a few ulp (measured < 1e-6 absolute), far below what changes a greedy token.
@@ -157,7 +158,7 @@ class MergedWeights:
 
     @property
     def mixing(self) -> bool:
-        """Whether correction hooks are in place (rows of another version were decoding)."""
+        """Whether the correcting forwards are in place (rows of another version decoded)."""
         return self._mix is not None
 
     @contextmanager
@@ -176,7 +177,7 @@ class MergedWeights:
             yield
             return
         if self._mix is None or self._mix.key != (self.version, others):
-            self._unhook()
+            self.unmix()
             self._mix = _VersionMix(self, others, adapters)
         self._mix.select(versions)
         try:
@@ -187,7 +188,7 @@ class MergedWeights:
     @torch.no_grad()
     def apply(self, adapter: LoraAdapter | None) -> None:
         """Take the merged adapter out (if any) and merge `adapter` (None: the base alone)."""
-        self._unhook()  # its factors were built against the adapter merged until now
+        self.unmix()  # its factors were built against the adapter merged until now
         old = self.adapter
         old_parts = old.parts if old is not None else {}
         new_parts = adapter.parts if adapter is not None else {}
@@ -235,16 +236,13 @@ class MergedWeights:
 
     def unmix(self) -> None:
         """Give the layers their own forwards back (no row of another version is left)."""
-        self._unhook()
-
-    def _unhook(self) -> None:
         if self._mix is not None:
             self._mix.remove()
             self._mix = None
 
 
 class _VersionMix:
-    """Forward hooks that correct the rows of other versions than the merged one, per layer."""
+    """Replaced layer forwards that correct the rows of versions other than the merged one."""
 
     def __init__(
         self, weights: MergedWeights, others: tuple, adapters: Mapping[str, LoraAdapter]
@@ -263,7 +261,7 @@ class _VersionMix:
                 components.append((index, adapters[version], 1.0))
         self.others = others
         self._masks: dict[tuple[int, ...], torch.Tensor] | None = None
-        self._layouts: dict[tuple[int, ...], list[int]] = {}
+        self._layouts: set[tuple[int, ...]] = set()  # each layer's component per rank column
         self._layers = []  # the layers whose forward is replaced while rows are mixed
         self._device, self._dtype = None, None
         paths = sorted({path for _, adapter, _ in components for path in adapter.parts})
@@ -280,7 +278,7 @@ class _VersionMix:
                 b_parts.append(part.b.to(weight.device, weight.dtype) * (sign * part.scale))
                 columns.extend([index] * part.a.shape[0])
             layout = tuple(columns)
-            self._layouts[layout] = columns
+            self._layouts.add(layout)
             a = torch.cat(a_parts).T.contiguous()  # (in, rank)
             b = torch.cat(b_parts, dim=1).T.contiguous()  # (rank, out)
             layer.forward = self._forward(layer, a, b, layout)
@@ -317,8 +315,8 @@ class _VersionMix:
                 rows[row, 0] = True
                 rows[row, self.others.index(version) + 1] = True
         self._masks = {
-            layout: rows[:, None, columns].to(self._device, self._dtype)
-            for layout, columns in self._layouts.items()
+            layout: rows[:, None, list(layout)].to(self._device, self._dtype)
+            for layout in self._layouts
         }
 
     def remove(self) -> None:
