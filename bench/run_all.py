@@ -134,17 +134,10 @@ def main() -> None:
             raw["serving_error"] = tail(output)
     if serving:
         raw["serving"] = serving
-        c, late, a = serving["concurrency"], serving["late_arrival"], serving["adapter"]
-        d, s, m = serving["decode"], serving["swaps"], serving["memory"]
+        late, a, s = serving["late_arrival"], serving["adapter"], serving["swaps"]
+        concurrency_row, decode_row, memory_row = dtype_rows(serving)
         rows += [
-            (
-                "concurrency",
-                f"1. 8 questions together ÷ one, wall time ({serving['new_tokens']} tokens each; "
-                f"{c['equal_answers']}/8 answers equal to single)",
-                "≤ 1.5×",
-                f"{c['ratio']:.2f}× ({c['eight_s']:.1f} s ÷ {c['single_s']:.1f} s)",
-                c["ratio"] <= 1.5,
-            ),
+            concurrency_row,
             (
                 "late",
                 "1b. a question arriving mid-answer: its latency ÷ alone "
@@ -161,16 +154,7 @@ def main() -> None:
                 f"{a['ratio']:.3f}× ({a['merged_ms']:.1f} ÷ {a['base_ms']:.1f} ms)",
                 a["ratio"] <= 1.05,
             ),
-            (
-                "decode",
-                "3. batch-1 tokens/s ÷ bandwidth limit "
-                f"(copy bandwidth {d['bandwidth_gbs']:.1f} GB/s ÷ "
-                f"{serving['weight_bytes'] / 1e6:.0f} MB = {d['limit_tps']:.1f} tok/s; "
-                f"plain generate {d['generate_ratio']:.0%})",
-                "≥ 70 %",
-                f"{d['ratio']:.0%} ({d['engine_tps']:.1f} tok/s)",
-                d["ratio"] >= 0.70,
-            ),
+            decode_row,
             (
                 "swaps",
                 f"5. 10 swaps in a 50-question run ({s.get('runs', 1)} runs): failed / "
@@ -187,15 +171,7 @@ def main() -> None:
                 f"{s['throughput_ratio']:.2f}",
                 s["throughput_ratio"] >= 0.9,
             ),
-            (
-                "memory",
-                "7. RSS of a fresh process serving as the bot does (model + engine + adapter, "
-                "8 questions at once) ÷ weight bytes",
-                "≤ 2.5×",
-                f"{m['ratio']:.2f}× ({m['rss_bytes'] / 1e9:.2f} GB ÷ "
-                f"{serving['weight_bytes'] / 1e9:.2f} GB)",
-                m["ratio"] <= 2.5,
-            ),
+            memory_row,
         ]
     else:
         rows.append(
@@ -269,32 +245,40 @@ def bf16_rows(python: str, raw: dict, *, quick: bool) -> list:
                      "failed: " + tail(output), None)]  # fmt: skip
         b = json.loads(out.read_text())
     raw["serving_bf16"] = b
-    c, d, m = b["concurrency"], b["decode"], b["memory"]
-    return [
+    return list(dtype_rows(b, label="(bf16) "))
+
+
+def dtype_rows(serving: dict, *, label: str = "") -> tuple:
+    """The rows one weight dtype decides: 8 at once, decode efficiency, memory."""
+    c, d, m = serving["concurrency"], serving["decode"], serving["memory"]
+    weights = serving["weight_bytes"]
+    return (
         (
             "concurrency",
-            f"1. (bf16) 8 questions together ÷ one ({b['new_tokens']} tokens each; "
-            f"{c['equal_answers']}/8 answers equal to single)",
+            f"1. {label}8 questions together ÷ one, wall time ({serving['new_tokens']} tokens "
+            f"each; {c['equal_answers']}/8 answers equal to single)",
             "≤ 1.5×",
             f"{c['ratio']:.2f}× ({c['eight_s']:.1f} s ÷ {c['single_s']:.1f} s)",
             c["ratio"] <= 1.5,
         ),
         (
             "decode",
-            f"3. (bf16) batch-1 tokens/s ÷ bandwidth limit ({d['bandwidth_gbs']:.1f} GB/s ÷ "
-            f"{b['weight_bytes'] / 1e6:.0f} MB = {d['limit_tps']:.1f} tok/s)",
+            f"3. {label}batch-1 tokens/s ÷ bandwidth limit (copy bandwidth "
+            f"{d['bandwidth_gbs']:.1f} GB/s ÷ {weights / 1e6:.0f} MB = {d['limit_tps']:.1f} "
+            f"tok/s; plain generate {d['generate_ratio']:.0%})",
             "≥ 70 %",
             f"{d['ratio']:.0%} ({d['engine_tps']:.1f} tok/s)",
             d["ratio"] >= 0.70,
         ),
         (
             "memory",
-            "7. (bf16) RSS of a fresh process serving ÷ weight bytes",
+            f"7. {label}RSS of a fresh process serving as the bot does (model + engine + "
+            "adapter, 8 questions at once) ÷ weight bytes",
             "≤ 2.5×",
-            f"{m['ratio']:.2f}× ({m['rss_bytes'] / 1e9:.2f} GB ÷ {b['weight_bytes'] / 1e9:.2f} GB)",
+            f"{m['ratio']:.2f}× ({m['rss_bytes'] / 1e9:.2f} GB ÷ {weights / 1e9:.2f} GB)",
             m["ratio"] <= 2.5,
         ),
-    ]
+    )
 
 
 def write(path: Path, rows, raw, *, quick: bool) -> None:
