@@ -81,7 +81,7 @@ class DecodeBatch:
         """Whether newcomers can join rows already decoding (plain dynamic cache layers only)."""
         if self.cache is None:
             return True
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
 
     def set_prefix(self, ids: Sequence[int]) -> None:
         if tuple(ids) != self.prefix:
@@ -151,7 +151,7 @@ class DecodeBatch:
             mask[row, width - len(tail) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = _growing(DynamicCache(config=self.model.config))
         if skip:
             states = {key: self._prefix_cache(key) for key in dict.fromkeys(keys)}
             for index, layer in enumerate(cache.layers):
@@ -257,6 +257,57 @@ class DecodeBatch:
             )
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
         self.positions = torch.cat([self.positions, positions])
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views into buffers with spare columns.
+
+    `DynamicLayer.update` concatenates: every decoding step allocates and copies the whole
+    cache of every layer (60 tensors for SmolLM2), which at 8 rows cost more than the step's
+    attention. Here a step writes its column in place; the buffers grow `spare` columns at a
+    time. Whoever replaces `keys`/`values` (rows leaving, newcomers merged) gets them copied
+    into fresh buffers at the next update.
+    """
+
+    spare = 32
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        views = getattr(self, "_views", None)
+        if views is None or views[0] is not self.keys or views[1] is not self.values:
+            self._buffers = None  # new contents from outside: copied into new buffers
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        width = length + key_states.shape[-2]
+        buffers = self._buffers
+        if buffers is None or buffers[0].shape[-2] < width:
+            buffers = self._buffers = tuple(
+                self._grown(old, new, length=length, width=width)
+                for old, new in ((self.keys, key_states), (self.values, value_states))
+            )
+        else:
+            buffers[0][:, :, length:width].copy_(key_states)
+            buffers[1][:, :, length:width].copy_(value_states)
+        self.keys, self.values = buffers[0][:, :, :width], buffers[1][:, :, :width]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def _grown(self, old: torch.Tensor, new: torch.Tensor, *, length: int, width: int):
+        """A buffer of `width + spare` columns holding `old` then `new`."""
+        shape = (*new.shape[:2], width + self.spare, new.shape[-1])
+        buffer = torch.empty(shape, dtype=new.dtype, device=new.device)
+        if length:
+            buffer[:, :, :length].copy_(old)
+        buffer[:, :, length:width].copy_(new)
+        return buffer
+
+
+def _growing(cache: DynamicCache) -> DynamicCache:
+    """`cache` with its plain dynamic layers made `GrowingLayer`s (others are left alone)."""
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = GrowingLayer
+    return cache
 
 
 def greedy(logits: torch.Tensor, *, blocked: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from bot.engine import kernels
 from bot.engine.types import EngineError
 
 PEFT_PREFIX = "base_model.model."
@@ -290,7 +291,7 @@ class _VersionMix:
         weight, bias = layer.weight, layer.bias
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            output = torch.nn.functional.linear(x, weight, bias)
+            output = kernels.linear(x, weight, bias)
             if self._masks is None:
                 return output
             mask = self._masks[layout]

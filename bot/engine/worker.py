@@ -112,6 +112,7 @@ class AnswerEngine:
         generate_options: dict[str, Any] | None = None,
         tune_threads: bool = False,
         mix_versions: bool = True,
+        row_kernels: bool | None = None,
     ):
         """`generate_options`: `min_new_tokens`, `suppress_tokens` (decoding is always greedy).
 
@@ -141,6 +142,7 @@ class AnswerEngine:
         self.generate_options = options
         self.tune_threads = tune_threads
         self.mix_versions = mix_versions
+        self.row_kernels = row_kernels
         self._tuner = None  # built by the worker (it knows torch's thread count)
         self._base = loaded.model
         # the adapter merged into the base (bf16: each merge recomputed from the base's file)
@@ -325,9 +327,15 @@ class AnswerEngine:
     def _run(self) -> None:
         import torch
 
+        from bot.engine import kernels
         from bot.engine.decoding import DecodeBatch
         from bot.engine.threads import ThreadTuner
 
+        row_kernels = self.row_kernels
+        if row_kernels is None:
+            row_kernels = kernels.wanted(self._base)
+        if row_kernels:
+            kernels.install(self._base)  # undone when the worker exits
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
         # rows admitted before a swap decode on their own version: corrected per row
@@ -372,6 +380,8 @@ class AnswerEngine:
                     self._weights.unmix()  # no row of another version is left
         finally:
             self._weights.apply(None)  # hand the LoadedModel back as the base model it was
+            if row_kernels:
+                kernels.uninstall(self._base)
             if torch.get_num_threads() != threads_at_start:
                 torch.set_num_threads(threads_at_start)
 

@@ -1,0 +1,116 @@
+"""The decoding step's two speed-ups: the weight-on-the-left product and the in-place KV cache.
+
+What must hold: both compute what they replace (within float rounding for the product, exactly
+for the cache), leave the model's parameters and state dict alone, and step aside where they do
+not apply (bf16, many rows, special cache layers).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from bot.engine import kernels
+from bot.engine.decoding import GrowingLayer, _growing
+from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_engine
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 40, kernels.MOST_ROWS, kernels.MOST_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_product_equals_f_linear_within_rounding(rows, bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(300, 70, generator=generator)
+    b = torch.randn(300, generator=generator) if bias else None
+    x = torch.randn(rows, 1, 70, generator=generator)  # (rows, tokens, features) as in a step
+    got = kernels.linear(x, weight, b)
+    expected = F.linear(x, weight, b)
+    assert got.shape == expected.shape == (rows, 1, 300)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    if rows > kernels.MOST_ROWS:  # a long prefill keeps F.linear itself
+        assert torch.equal(got, expected)
+
+
+def test_a_prefill_shaped_input_and_bf16_keep_f_linear():
+    weight = torch.randn(64, 32)
+    x = torch.randn(2, 5, 32)  # 10 rows: still the fast path, any leading shape
+    torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=0)
+    low = weight.to(torch.bfloat16)
+    assert torch.equal(kernels.linear(x.to(low.dtype), low), F.linear(x.to(low.dtype), low))
+
+
+def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tmp_path):
+    loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
+    model = loaded.model
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = torch.tensor([[1, 5, 9, 14, 2]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+        assert kernels.wanted(model)
+        assert kernels.install(model) == linears > 0
+        assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        during = model(input_ids=ids).logits
+        kernels.uninstall(model)
+    assert sum(type(m) is torch.nn.Linear for m in model.modules()) == linears
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[name], state[name]) for name in state)
+    torch.testing.assert_close(during, before, atol=1e-4, rtol=1e-4)
+
+
+def test_the_engine_installs_the_product_while_it_runs_and_answers_alike(tiny_model_dir, tmp_path):
+    loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
+    answers = {}
+    for row_kernels in (False, True):
+        with make_engine(loaded, row_kernels=row_kernels) as engine:
+            answers[row_kernels] = [engine.answer(q, timeout=WAIT).text for q in QUESTIONS[:4]]
+            running = {type(m) for m in loaded.model.modules()}
+            assert (kernels.RowLinear in running) is row_kernels
+        assert kernels.RowLinear not in {type(m) for m in loaded.model.modules()}
+    assert answers[True] == answers[False]
+
+
+def test_the_growing_layer_holds_what_concatenation_holds_and_steps_in_place():
+    generator = torch.Generator().manual_seed(0)
+
+    def states(rows, columns):
+        return (
+            torch.randn(rows, 2, columns, 4, generator=generator),
+            torch.randn(rows, 2, columns, 4, generator=generator),
+        )
+
+    plain, growing = DynamicLayer(), GrowingLayer()
+    first = states(3, 7)
+    for layer in (plain, growing):
+        layer.update(*first)
+    pointers, rows = set(), 3
+    for step in range(70):  # past the spare columns: the buffers grow and keep their contents
+        new = states(rows, 1)
+        expected = plain.update(*new)
+        got = growing.update(*new)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+        pointers.add(growing._buffers[0].data_ptr())
+        if step == 30:  # rows leave, as DecodeBatch.keep does: contents replaced from outside
+            index, rows = torch.tensor([2, 0]), 2
+            for layer in (plain, growing):
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+            new = states(2, 1)
+            assert all(
+                torch.equal(g, e)
+                for g, e in zip(growing.update(*new), plain.update(*new), strict=True)
+            )
+    # a new buffer only every `spare` steps (and once after the rows left), not every step
+    assert len(pointers) <= 70 // GrowingLayer.spare + 3
+    assert growing.get_seq_length() == plain.get_seq_length() == 7 + 70 + 1
+
+
+def test_only_plain_dynamic_layers_grow_in_place():
+    class Special(DynamicLayer):
+        pass
+
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer(), Special()]
+    _growing(cache)
+    assert [type(layer) for layer in cache.layers] == [GrowingLayer, Special]
