@@ -9,7 +9,9 @@ so every row's next token lands in the same column:
   their prompts, fresh cache), then their cache is concatenated onto the running one along the
   batch axis, the shorter side padded on the left with zeros that the attention mask hides;
 - **step**: one forward for every row, one new token each (`logits_to_keep=1`: only the last
-  position's logits are computed, the vocabulary projection is the largest matmul);
+  position's logits are computed, the vocabulary projection is the largest matmul); the step's
+  keys and values are written in place into buffers with spare columns (`GrowingLayer`), not
+  concatenated onto a copy of the whole cache as `DynamicLayer` does;
 - **leave**: finished rows are dropped from the cache (`batch_select_indices`), and columns that
   became padding for every remaining row are cut off, so a long prompt that left stops costing.
 
@@ -32,7 +34,7 @@ with (an adapter version). When `weights_for` is set, every forward runs inside
 `weights_for(keys of that forward's rows)`, which makes the model compute each row with its own
 weights (the engine's per-row LoRA correction); prefix states are then per key as well.
 
-Only plain `DynamicLayer` caches can be merged this way. A model with sliding-window or other
+Only plain `DynamicLayer` caches (made `GrowingLayer`s) can be merged this way. A model with sliding-window or other
 special cache layers still works: `can_join` is then False and the worker admits newcomers only
 when the batch is empty (static batching).
 """
