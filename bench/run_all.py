@@ -82,9 +82,11 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    # the instruction set decides much (bf16 matmuls are native only with AVX512-BF16 / AMX)
+    capability = torch.backends.cpu.get_cpu_capability()
     return (
-        f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
+        f"{cpu} ({capability}), {os.cpu_count()} cores{memory}, {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
     )
 
 

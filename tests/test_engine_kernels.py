@@ -49,7 +49,7 @@ def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tm
     with torch.inference_mode():
         before = model(input_ids=ids).logits
         linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-        assert kernels.wanted(model)
+        assert kernels.applies(model)
         assert kernels.install(model) == linears > 0
         assert not any(type(m) is torch.nn.Linear for m in model.modules())
         during = model(input_ids=ids).logits
@@ -70,6 +70,22 @@ def test_the_engine_installs_the_product_while_it_runs_and_answers_alike(tiny_mo
             assert (kernels.RowLinear in running) is row_kernels
         assert kernels.RowLinear not in {type(m) for m in loaded.model.modules()}
     assert answers[True] == answers[False]
+
+
+def test_the_engine_measures_which_product_is_faster_and_says_what_it_chose(
+    tiny_model_dir, tmp_path
+):
+    loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
+    wanted, ratios = kernels.faster(loaded.model, repeats=1)
+    assert set(ratios) == {1, 8} and all(r > 0 for r in ratios.values())
+    assert wanted == (ratios[8] < 0.95 and max(ratios.values()) < 1 / 0.95)
+    with make_engine(loaded) as engine:  # row_kernels=None: measured at the worker's start
+        engine.answer(QUESTIONS[0], timeout=WAIT)
+        chose = engine.stats()["row_kernels"]
+        assert chose == (kernels.RowLinear in {type(m) for m in loaded.model.modules()})
+    low = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    assert not kernels.applies(low)
+    assert kernels.faster(low) == (False, {})
 
 
 def test_the_growing_layer_holds_what_concatenation_holds_and_steps_in_place():

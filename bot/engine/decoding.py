@@ -34,9 +34,9 @@ with (an adapter version). When `weights_for` is set, every forward runs inside
 `weights_for(keys of that forward's rows)`, which makes the model compute each row with its own
 weights (the engine's per-row LoRA correction); prefix states are then per key as well.
 
-Only plain `DynamicLayer` caches (made `GrowingLayer`s) can be merged this way. A model with sliding-window or other
-special cache layers still works: `can_join` is then False and the worker admits newcomers only
-when the batch is empty (static batching).
+Only plain `DynamicLayer` caches (made `GrowingLayer`s) can be merged this way. A model with
+sliding-window or other special cache layers still works: `can_join` is then False and the
+worker admits newcomers only when the batch is empty (static batching).
 """
 
 from __future__ import annotations
