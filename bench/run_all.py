@@ -28,19 +28,23 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 # What limits a goal that is missed, and what would move it (from profiles on this machine).
 LIMITS = {
     "concurrency": (
-        "a decoding step of 8 rows costs 1.5-1.7x a step of one (80-91 ms against 53 ms, "
-        "measured side by side): at 8 rows the matmuls and the 49k-word output projection are "
-        "compute-bound on 2 cores, and the prefill of 8 question tails is a forward of its own. "
-        "The shared system prompt is prefilled once (prefix cache). More cores, bf16 matmuls "
-        "(this CPU has AVX512-BF16; answers would change) or a GPU would move it"
+        "float32: a decoding step's products put the weight on the left (bot/engine/kernels.py: "
+        "MKL streams it instead of repacking it every call; measured faster at the engine's "
+        "start) and the KV cache is written in place, which took 8-at-once from 1.9-2.3x to "
+        "1.5x. What is left: at 8 rows the products are no longer memory-bound (a 1536x576 "
+        "product: 335 us for one row, 521 us for eight, two threads) and the prefill of 8 "
+        "question tails (~160 rows) is compute-bound. bf16: on a CPU without AVX512-BF16 or "
+        "AMX (this run's: AVX2 only) bf16 matmuls are emulated and compute-bound: an 8-row "
+        "pass over the weights costs ~5x a 1-row one (1.31x on the AVX-512 machine of the 08:43 "
+        "run). More cores, int8 weights or a GPU would move it"
     ),
     "decode": (
-        "a batch-1 step reads the 538 MB of weights at about 10-16 GB/s, far from the copy "
-        "bandwidth: fp32 matrix-vector products on one core (a second thread does not make a "
-        "batch-1 step faster here: 53 ms on 1 or 2) plus ~15 % Python and dispatch over ~700 "
-        "small ops. Plain generate is no faster. In bf16 a step is faster but reads its 269 MB "
-        "at a lower rate still (bf16 matmuls are compute-bound here). torch.compile (fewer, "
-        "fused ops) or a fused runtime (llama.cpp; vLLM on a GPU) would move it"
+        "a batch-1 step reads the 538 MB of weights at about half the copy rate: even streamed "
+        "(weight on the left, two threads) the products run at 6-10 GB/s, and ~25 % of a step is "
+        "Python and dispatch over ~700 small ops, ~15 % norms, RoPE and SiLU (profile_decode.py). "
+        "Plain generate is no faster. In bf16 a step reads half the bytes but bf16 matmuls are "
+        "compute-bound on this CPU. torch.compile (fewer, fused ops), a fused runtime (llama.cpp) "
+        "or fewer bytes (int8 weights; answers would change) would move it"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "
@@ -48,12 +52,14 @@ LIMITS = {
     ),
     "adapter": "noise between alternating runs: merged weights make the same computation",
     "swaps": (
-        "a swap no longer drains the batch: old rows finish beside the new version through a "
-        "per-row LoRA correction (+7 % a step) and questions on both sides of a swap are "
-        "prefilled together. Measured alone (serving_bench --only swaps) it reaches 0.89-1.03; "
-        "in the full run it is lower because the process has run a plain model.generate for "
-        "the decode figure first, after which the engine's steps are slower (cause not found; "
-        "the bot never calls generate). Left otherwise: ~70 ms of merging a swap"
+        "a swap no longer drains the batch (draining, timed beside it, is lower still): old rows "
+        "finish beside the new version through a per-row LoRA correction (+7 % a step) and "
+        "questions on both sides of a swap are prefilled together. Measured in a fresh process "
+        "(the earlier suspicion, a slowdown after plain generate in the same process, does not "
+        "explain it). Of the time 10 swaps add, ~45 % is the merges themselves (a pass over "
+        "425 MB of weights each, on the worker thread) and the rest the corrected steps. "
+        "Merging on another thread into spare copies of the layers (memory) or fewer targeted "
+        "layers would move it"
     ),
     "memory": (
         "torch's runtime (libtorch, MKL, the tokenizer, Python: ~0.5 GB) does not shrink with the "
