@@ -83,6 +83,12 @@ def test_the_engine_measures_which_product_is_faster_and_says_what_it_chose(
         engine.answer(QUESTIONS[0], timeout=WAIT)
         chose = engine.stats()["row_kernels"]
         assert chose == (kernels.RowLinear in {type(m) for m in loaded.model.modules()})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # `linear` is F.linear on one thread: nothing is measured
+    try:
+        assert kernels.faster(loaded.model) == (False, {})
+    finally:
+        torch.set_num_threads(threads)
     low = torch.nn.Linear(8, 8).to(torch.bfloat16)
     assert not kernels.applies(low)
     assert kernels.faster(low) == (False, {})

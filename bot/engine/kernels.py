@@ -23,7 +23,7 @@ Results differ from `F.linear` in float rounding only (the sums run in another o
 absolute on the model's layers). The layers keep their weights and their state dict: only the
 class of each `nn.Linear` changes (to `RowLinear`, a subclass), which `install` does and
 `uninstall` undoes; a per-instance forward (the engine's per-row LoRA correction) still wins
-over the class's, and calls `linear` here for its base product.
+over the class's, and calls the class's forward for its base product.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def faster(model, *, rows: tuple[int, ...] = (1, 8), repeats: int = 3, margin: f
     import time
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not weights or not applies(model):
-        return False, {}
+    if not weights or not applies(model) or torch.get_num_threads() < 2:
+        return False, {}  # `linear` would be F.linear itself: nothing to measure
     ratios = {}
     with torch.inference_mode():
         for count in rows:

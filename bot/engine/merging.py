@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from bot.engine import kernels
 from bot.engine.types import EngineError
 
 PEFT_PREFIX = "base_model.model."
@@ -288,10 +287,12 @@ class _VersionMix:
     def _forward(self, layer, a: torch.Tensor, b: torch.Tensor, layout: tuple[int, ...]):
         """The layer's forward with the correction: an instance attribute, not a forward hook
         (any hook sends every call through nn.Module's slow path: ~2x the cost, measured)."""
-        weight, bias = layer.weight, layer.bias
+        # the base product of the layer's class: plain nn.Linear, or the engine's RowLinear
+        # (bot.engine.kernels) when the worker installed it
+        base_forward = type(layer).forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            output = kernels.linear(x, weight, bias)
+            output = base_forward(layer, x)
             if self._masks is None:
                 return output
             mask = self._masks[layout]

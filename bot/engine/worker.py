@@ -125,7 +125,7 @@ class AnswerEngine:
         `row_kernels`: while the worker runs, the model's linear layers compute a few rows with
         the weight as the left operand (`bot.engine.kernels`: ~1.4x faster steps at 8 rows on
         this project's CPU); None: where it applies (a CPU model in float32) and the worker
-        measured it faster on this machine's cores at its start (~1 s).
+        measured it faster on this machine's cores at its start (~2 s).
         """
         from bot.engine.loading import base_weight_reader
         from bot.engine.merging import MergedWeights
