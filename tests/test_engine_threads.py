@@ -94,8 +94,8 @@ class AlwaysProbing(ThreadTuner):
 
 
 def test_corrected_steps_run_on_the_chosen_threads_not_a_probes(loaded, adapters, monkeypatch):
-    """A probe's thread count ends with its step: the steps that correct rows of an older
-    version (never probed) run on the tuner's choice."""
+    """A probe's thread count ends with its step: the steps that correct rows of a version
+    other than the merged one (never probed) run on the tuner's choice."""
     import torch
 
     from bot.engine import threads as threads_module
@@ -106,21 +106,26 @@ def test_corrected_steps_run_on_the_chosen_threads_not_a_probes(loaded, adapters
         pytest.skip("one torch thread: nothing to choose between")
     monkeypatch.setattr(threads_module, "ThreadTuner", AlwaysProbing)
     most = torch.get_num_threads()
-    seen = []  # (merged version, thread count) at each partial of the answer in flight
+    alone, beside = [], []  # thread counts at the partials of each answer
     with make_engine(loaded, tune_threads=True) as engine:
         gate = Gate()
 
         def on_partial(text: str) -> None:
             gate(text)
-            seen.append((engine.active_version, torch.get_num_threads()))
+            alone.append(torch.get_num_threads())
 
         request = AnswerRequest("What is the capital of France?", max_new_tokens=24)
         in_flight = engine.submit(request, on_partial=on_partial)
         assert gate.entered.wait(WAIT)
         engine.set_adapter("v0001", adapters["v0001"])
+        # a row on v0001 beside the one on the base (still merged): every step is corrected
+        newcomer = engine.submit(
+            AnswerRequest("Who are you?", max_new_tokens=4),
+            on_partial=lambda text: beside.append(torch.get_num_threads()),
+        )
         gate.release.set()
         assert in_flight.result(timeout=WAIT).adapter_version is None
+        assert newcomer.result(timeout=WAIT).adapter_version == "v0001"
     assert engine._tuner.choice == most
-    assert (None, 1) in seen  # the uncorrected steps did run the probe's single thread
-    corrected = [threads for version, threads in seen if version == "v0001"]
-    assert corrected and set(corrected) == {most}  # never the probe's single thread
+    assert 1 in alone  # the uncorrected steps did run the probe's single thread
+    assert beside and set(beside) == {most}  # never the probe's single thread

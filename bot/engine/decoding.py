@@ -54,6 +54,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 class DecodeBatch:
     """The rows decoding together, their KV cache, padding mask, positions and last tokens."""
 
+    kept_prefixes = 3  # prefix states kept for weights other than the current ones
+
     def __init__(self, model, *, pad_id: int, device):
         self.model = model
         self.pad_id = pad_id
@@ -91,10 +93,10 @@ class DecodeBatch:
             self._prefix_states = None
             self._kept_states = {}
 
-    def use_weights(self, key: object, *, keep: int = 3) -> None:
+    def use_weights(self, key: object) -> None:
         """The model's weights are now those named `key` (an adapter version; None: the base).
 
-        The prefix states of the weights before stay kept (the last `keep` keys), so that
+        The prefix states of other weights stay kept (the last `kept_prefixes` keys), so that
         swapping back to them computes nothing. A key must always name the same weights.
         """
         if key == self._weights_key:
@@ -103,7 +105,7 @@ class DecodeBatch:
             self._kept_states[self._weights_key] = self._prefix_states
         self._weights_key = key
         self._prefix_states = self._kept_states.pop(key, None)
-        while len(self._kept_states) >= keep:
+        while len(self._kept_states) > self.kept_prefixes:
             self._kept_states.pop(next(iter(self._kept_states)))  # the oldest first
 
     def join(
@@ -204,6 +206,8 @@ class DecodeBatch:
                 self._prefix_states = states
             else:
                 self._kept_states[key] = states
+                while len(self._kept_states) > self.kept_prefixes:
+                    self._kept_states.pop(next(iter(self._kept_states)))  # the oldest first
         return states
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
