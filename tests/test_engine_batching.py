@@ -352,6 +352,35 @@ def test_questions_on_both_sides_of_a_swap_are_prefilled_together(loaded, adapte
     ]
 
 
+def test_a_swap_is_merged_once_every_row_decodes_on_it(loaded, adapters):
+    """Idle, a swap is merged at once. Busy, the new version is answered at once but merged
+    only when the last row of the version before has finished: while both share the batch,
+    the rows of the new one are the corrected ones."""
+    import time
+
+    with make_engine(loaded, generate_options={"min_new_tokens": 16}) as engine:
+        engine.set_adapter("v0001", adapters["v0001"]).result(timeout=WAIT)
+        assert engine.stats()["merged_version"] == "v0001"  # idle: merged at once
+        gate, merged_beside = Gate(), []
+        first = engine.submit(AnswerRequest(QUESTIONS[0], max_new_tokens=12), on_partial=gate)
+        assert gate.entered.wait(WAIT)
+        engine.set_adapter("v0002", adapters["v0002"])
+        second = engine.submit(
+            AnswerRequest(QUESTIONS[1], max_new_tokens=3),
+            on_partial=lambda text: merged_beside.append(engine.stats()["merged_version"]),
+        )
+        gate.release.set()
+        assert second.result(timeout=WAIT).adapter_version == "v0002"
+        assert first.result(timeout=WAIT).adapter_version == "v0001"
+        assert merged_beside and set(merged_beside) == {"v0001"}  # merged while its row ran
+        deadline = time.monotonic() + WAIT
+        while engine.stats()["merged_version"] != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = engine.stats()
+    assert stats["merged_version"] == "v0002" and stats["active_version"] == "v0002"
+    assert stats["merges"] == 2 and stats["swaps"] == 2
+
+
 @pytest.mark.parametrize("mix_versions", [True, False], ids=["mixed", "drained"])
 def test_swaps_under_load_never_split_or_lose_an_answer(loaded, adapters, mix_versions):
     """Forty questions with ten swaps among them: each answered once, by the version queued
