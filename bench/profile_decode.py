@@ -271,6 +271,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="", help="comma-separated; default: torch's")
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument(
+        "--row-kernels", action="store_true",
+        help="compute the linear layers as the engine's worker may (bot.engine.kernels); "
+        "both loops then use them",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -282,6 +287,10 @@ def main() -> None:
     settings = Settings(_env_file=None)
     loaded = load_from_settings(settings)
     prefix = AnswerEngine.from_settings(settings, loaded=loaded)._shared_prefix()
+    if args.row_kernels:
+        from bot.engine import kernels
+
+        kernels.install(loaded.model)
     thread_counts = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
     print(f"{settings.base_model} on {loaded.device} ({loaded.dtype}), torch {torch.__version__}")
     for threads in thread_counts:

@@ -72,26 +72,58 @@ def test_the_engine_installs_the_product_while_it_runs_and_answers_alike(tiny_mo
     assert answers[True] == answers[False]
 
 
-def test_the_engine_measures_which_product_is_faster_and_says_what_it_chose(
-    tiny_model_dir, tmp_path
-):
+def test_the_engine_measures_up_to_how_many_rows_the_product_is_faster(tiny_model_dir, tmp_path):
     loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
-    wanted, ratios = kernels.faster(loaded.model, repeats=1)
-    assert set(ratios) == {1, 8} and all(r > 0 for r in ratios.values())
-    assert wanted == (ratios[8] < 0.95 and max(ratios.values()) < 1 / 0.95)
+    limits, ratios = kernels.measure(loaded.model, threads=(1, 2), counts=(1, 2, 4), repeats=1)
+    assert set(limits) == set(ratios) == {1, 2}
+    for threads, limit in limits.items():
+        measured = ratios[threads]
+        assert list(measured) == [1, 2, 4][: len(measured)] and all(
+            r > 0 for r in measured.values()
+        )
+        # the limit: the last count of an unbroken run of wins; the first loss ends the run
+        wins = [rows for rows, ratio in measured.items() if ratio < 0.95]
+        assert limit == (max(wins) if wins else 0)
+        assert wins == [1, 2, 4][: len(wins)]
+        assert len(measured) == min(3, len(wins) + 1)
     with make_engine(loaded) as engine:  # row_kernels=None: measured at the worker's start
         engine.answer(QUESTIONS[0], timeout=WAIT)
-        chose = engine.stats()["row_kernels"]
-        assert chose == (kernels.RowLinear in {type(m) for m in loaded.model.modules()})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # `linear` is F.linear on one thread: nothing is measured
-    try:
-        assert kernels.faster(loaded.model) == (False, {})
-    finally:
-        torch.set_num_threads(threads)
+        stats = engine.stats()
+        installed = kernels.RowLinear in {type(m) for m in loaded.model.modules()}
+        assert stats["row_kernels"] == installed
+        assert installed == bool(
+            stats["row_kernel_rows"] and any(stats["row_kernel_rows"].values())
+        )
     low = torch.nn.Linear(8, 8).to(torch.bfloat16)
     assert not kernels.applies(low)
-    assert kernels.faster(low) == (False, {})
+    assert kernels.measure(low) == ({}, {})
+
+
+def test_each_layer_uses_the_product_only_up_to_the_limit_of_the_thread_count():
+    layer = torch.nn.Linear(70, 300)
+    kernels.install(layer, {1: 0, 2: 4})
+    calls = []
+    original = kernels.F.linear
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    try:
+        kernels.F.linear = counting
+        with torch.inference_mode():
+            for count, rows in ((1, 2), (2, 4), (2, 5), (3, 1)):
+                torch.set_num_threads(count)
+                expected = original(torch.ones(rows, 1, 70), layer.weight, layer.bias)
+                torch.testing.assert_close(layer(torch.ones(rows, 1, 70)), expected)
+    finally:
+        kernels.F.linear = original
+        torch.set_num_threads(threads)
+        kernels.uninstall(layer)
+    # F.linear: 1 thread (limit 0), 2 threads past 4 rows, 3 threads (never measured)
+    assert calls == [2, 5, 1]
+    assert type(layer) is torch.nn.Linear and "row_limits" not in vars(layer)
 
 
 def test_the_growing_layer_holds_what_concatenation_holds_and_steps_in_place():

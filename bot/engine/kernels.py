@@ -13,11 +13,19 @@ repacking it: measured on this project's 2-core CPU (AVX2) over SmolLM2-135M's 2
 
 One row goes through a two-row product (the row twice): the BLAS's one-row path (gemv) is the
 slower one here. From about 128 rows on (a long prefill) `F.linear` is as fast or faster, so it
-keeps those. On one thread (the engine's thread tuner picks one when the cores are busy)
-`F.linear` was as fast or faster (0.9-1.3x), so it keeps those steps too; in bf16 it is faster
-too (so this is for float32 only), and on a GPU nothing changes. Another BLAS build or
-instruction set may rank the two otherwise, so the engine measures them (`faster`, ~2 s over
-the model's weights at the worker's start) before it installs this path.
+keeps those. Another CPU ranks them otherwise: on an AVX-512 EPYC (same 2 cores, 29 Nov 2026;
+ms, F.linear / weight on the left, best of 3)
+
+    rows          1      2      4      8      16
+    two threads   46/26  77/29  71/40  76/69  87/69
+    one thread    45/33  75/33  64/47  75/83  103/112
+
+and there the 8-row ratio swings between 0.8 and 1.15 from one measurement to the next. So
+nothing is assumed: at the worker's start the engine measures (`measure`, 1-4 s over the
+model's weights) up to how many rows the weight on the left is faster, for one thread and for
+all (the thread tuner's two choices), and each `RowLinear` uses it only up to that count for
+the thread count of the moment. In bf16 `F.linear` is faster (so this is for float32 only),
+and on a GPU nothing changes.
 
 Results differ from `F.linear` in float rounding only (the sums run in another order: < 2e-4
 absolute on the model's layers). The layers keep their weights and their state dict: only the
@@ -31,18 +39,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MOST_ROWS = 96  # above this F.linear is as fast (measured: 96 rows 0.9x, 160 rows 1.07x)
+MOST_ROWS = 96  # never above: a prefill's many rows keep F.linear
+COUNTS = (1, 2, 4, 8, 16, 32)  # the row counts `measure` times (64: 0.92-1.03x, not worth it)
+_MEASURED: dict[tuple, tuple] = {}  # measure's results in this process, by weights and counts
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, with the weight as the left operand for a few CPU fp32 rows."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    most_rows: int = MOST_ROWS,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, with the weight as the left operand for at most
+    `most_rows` CPU fp32 rows."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
-        not 0 < rows <= MOST_ROWS
+        not 0 < rows <= min(most_rows, MOST_ROWS)
         or x.device.type != "cpu"
         or weight.dtype != torch.float32
         or x.dtype != torch.float32
-        or torch.get_num_threads() < 2  # on one thread F.linear was as fast or faster
     ):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
@@ -55,10 +71,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class RowLinear(torch.nn.Linear):
-    """An `nn.Linear` whose forward is `linear` above (same parameters, same state dict)."""
+    """An `nn.Linear` whose forward is `linear` above (same parameters, same state dict).
+
+    `row_limits` (set by `install`): torch's thread count -> the most rows computed with the
+    weight on the left at that count (0: never); None: up to `MOST_ROWS` at any count.
+    """
+
+    row_limits: dict[int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        limits = self.row_limits
+        most = MOST_ROWS if limits is None else limits.get(torch.get_num_threads(), 0)
+        return linear(x, self.weight, self.bias, most_rows=most)
 
 
 def applies(model) -> bool:
@@ -71,44 +95,81 @@ def applies(model) -> bool:
     )
 
 
-def faster(model, *, rows: tuple[int, ...] = (1, 8), repeats: int = 3, margin: float = 0.95):
-    """Whether `linear` beats `F.linear` on this machine, over the model's own linear weights.
+def measure(
+    model,
+    *,
+    threads: tuple[int, ...] | None = None,
+    counts: tuple[int, ...] = COUNTS,
+    repeats: int = 2,
+    margin: float = 0.95,
+) -> tuple[dict[int, int], dict[int, dict[int, float]]]:
+    """For each torch thread count, up to how many rows `linear` beats `F.linear` here.
 
-    Measured, not assumed: the figures above come from one CPU (AVX2); another BLAS build or
-    instruction set may rank the two the other way. Both are timed in turn over every weight
-    for each row count in `rows` (median of `repeats`); the path is wanted when it is faster by
-    `margin` at the largest count and not slower (by more than 1/`margin`) at any.
-    Returns (wanted, {rows: time with `linear` ÷ time with F.linear}).
+    Measured over the model's own linear weights, not assumed: which product is faster
+    depends on the CPU, the BLAS build, the thread count and the row count (see the module
+    docstring). At each count of `counts`, in turn, both pass over every weight (a warm-up
+    round, then the best of `repeats`; a count that fails is measured once more); the limit
+    is the largest count up to which `linear` took at most `margin` of F.linear's time at
+    every count measured (counts past the first that fails are not measured). Kept for the
+    process: another engine over the same shapes measures nothing. `threads`: default 1 and
+    torch's current count, the two the engine's thread tuner chooses between. Returns
+    ({threads: most rows, 0 = never}, {threads: {rows: time with `linear` ÷ with F.linear}}).
     """
-    import statistics
     import time
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not weights or not applies(model) or torch.get_num_threads() < 2:
-        return False, {}  # `linear` would be F.linear itself: nothing to measure
-    ratios = {}
-    with torch.inference_mode():
-        for count in rows:
-            inputs = {w.shape[1]: torch.randn(count, w.shape[1]) for w in weights}
-            times: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(repeats + 1):  # the first round warms up
-                for ours in (True, False):
-                    product = linear if ours else F.linear
-                    started = time.perf_counter()
-                    for weight in weights:
-                        product(inputs[weight.shape[1]], weight)
-                    times[ours].append(time.perf_counter() - started)
-            ratios[count] = statistics.median(times[True][1:]) / statistics.median(times[False][1:])
-    wanted = ratios[max(rows)] < margin and all(r < 1 / margin for r in ratios.values())
-    return wanted, ratios
+    if not weights or not applies(model):
+        return {}, {}
+    before = torch.get_num_threads()
+    thread_counts = tuple(sorted(set(threads or (1, before))))
+    key = (tuple(tuple(w.shape) for w in weights), thread_counts, tuple(counts), margin)
+    if key in _MEASURED:  # another engine on the same shapes in this process
+        return _MEASURED[key]
+
+    def ratio_at(rows: int) -> float:
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        best = {True: float("inf"), False: float("inf")}
+        for round_ in range(repeats + 1):  # the first round warms up
+            for ours in (True, False):
+                started = time.perf_counter()
+                for weight in weights:
+                    if ours:
+                        linear(inputs[weight.shape[1]], weight)
+                    else:
+                        F.linear(inputs[weight.shape[1]], weight)
+                if round_:
+                    best[ours] = min(best[ours], time.perf_counter() - started)
+        return best[True] / best[False]
+
+    limits: dict[int, int] = {}
+    ratios: dict[int, dict[int, float]] = {}
+    try:
+        with torch.inference_mode():
+            for count_of_threads in thread_counts:
+                torch.set_num_threads(count_of_threads)
+                limits[count_of_threads], ratios[count_of_threads] = 0, {}
+                for rows in counts:
+                    ratio = ratio_at(rows)
+                    if ratio >= margin:  # a second chance: one noisy round must not decide
+                        ratio = min(ratio, ratio_at(rows))
+                    ratios[count_of_threads][rows] = ratio
+                    if ratio >= margin:
+                        break
+                    limits[count_of_threads] = rows
+    finally:
+        torch.set_num_threads(before)
+    _MEASURED[key] = (limits, ratios)
+    return limits, ratios
 
 
-def install(model) -> int:
-    """Make every plain `nn.Linear` of `model` a `RowLinear`; return how many changed."""
+def install(model, limits: dict[int, int] | None = None) -> int:
+    """Make every plain `nn.Linear` of `model` a `RowLinear` (with `limits`, see RowLinear);
+    return how many changed."""
     changed = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = RowLinear
+            module.row_limits = limits
             changed += 1
     return changed
 
@@ -118,3 +179,4 @@ def uninstall(model) -> None:
     for module in model.modules():
         if type(module) is RowLinear:
             module.__class__ = torch.nn.Linear
+            vars(module).pop("row_limits", None)

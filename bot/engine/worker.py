@@ -128,9 +128,10 @@ class AnswerEngine:
         per-row correction); off, it waits until the running rows have finished.
 
         `row_kernels`: while the worker runs, the model's linear layers compute a few rows with
-        the weight as the left operand (`bot.engine.kernels`: ~1.4x faster steps at 8 rows on
-        this project's CPU); None: where it applies (a CPU model in float32) and the worker
-        measured it faster on this machine's cores at its start (~2 s).
+        the weight as the left operand (`bot.engine.kernels`: 1.4-2x faster steps on this
+        project's CPUs); None: where it applies (a CPU model in float32), up to the row count
+        the worker measured it faster on this machine's cores at its start (1-4 s), for one
+        thread and for all.
         """
         from bot.engine.loading import base_weight_reader
         from bot.engine.merging import MergedWeights
@@ -178,6 +179,7 @@ class AnswerEngine:
             "last_batch_size": 0,
             "steps": 0,
             "row_kernels": False,  # whether the worker computes steps with kernels.linear
+            "row_kernel_rows": None,  # {threads: up to how many rows} (None: all, or unused)
         }
         # batches: prefill groups (questions admitted together); steps: decoding steps
 
@@ -345,14 +347,19 @@ class AnswerEngine:
         from bot.engine.decoding import DecodeBatch
         from bot.engine.threads import ThreadTuner
 
-        row_kernels = self.row_kernels
+        row_kernels, limits = self.row_kernels, None
         if row_kernels is None:  # where it applies, measured on this machine's cores
-            row_kernels, ratios = kernels.faster(self._base)
+            limits, ratios = kernels.measure(self._base)
+            row_kernels = any(limits.values())
             if ratios:
-                log.info("weight-on-the-left products: %s (time ratios %s)", row_kernels, ratios)
+                log.info(
+                    "weight-on-the-left products up to %s rows (threads: rows; time ratios %s)",
+                    limits, ratios,
+                )  # fmt: skip
         self._counts["row_kernels"] = bool(row_kernels)
+        self._counts["row_kernel_rows"] = limits if row_kernels else None
         if row_kernels:
-            kernels.install(self._base)  # undone when the worker exits
+            kernels.install(self._base, limits)  # undone when the worker exits
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
         # rows admitted before a swap decode on their own version: corrected per row
