@@ -39,12 +39,13 @@ LIMITS = {
         "run). More cores, int8 weights or a GPU would move it"
     ),
     "decode": (
-        "a batch-1 step reads the 538 MB of weights at about half the copy rate: even streamed "
-        "(weight on the left, two threads) the products run at 6-10 GB/s, and ~25 % of a step is "
-        "Python and dispatch over ~700 small ops, ~15 % norms, RoPE and SiLU (profile_decode.py). "
-        "Plain generate is no faster. In bf16 a step reads half the bytes but bf16 matmuls are "
-        "compute-bound on this CPU. torch.compile (fewer, fused ops), a fused runtime (llama.cpp) "
-        "or fewer bytes (int8 weights; answers would change) would move it"
+        "on an AVX-512 CPU the weight-on-the-left products read the weights at 20-34 GB/s and a "
+        "batch-1 step reached 55-90 % of the copy limit depending on the thread count the tuner "
+        "settles on (one thread: F.linear past 4 rows, ~21 tok/s; two: ~30); on an AVX2-only "
+        "CPU the products ran at 6-10 GB/s (49 %). The rest of a step is Python and dispatch "
+        "over ~700 small ops (~30 % at batch 1) and norms, RoPE and SiLU (~20 %; "
+        "profile_decode.py --row-kernels). A hand-written decode step with fused ops, "
+        "torch.compile or a fused runtime (llama.cpp) would move it"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "
@@ -52,14 +53,12 @@ LIMITS = {
     ),
     "adapter": "noise between alternating runs: merged weights make the same computation",
     "swaps": (
-        "a swap no longer drains the batch (draining, timed beside it, is lower still): old rows "
-        "finish beside the new version through a per-row LoRA correction (+7 % a step) and "
-        "questions on both sides of a swap are prefilled together. Measured in a fresh process "
-        "(the earlier suspicion, a slowdown after plain generate in the same process, does not "
-        "explain it). Of the time 10 swaps add, ~45 % is the merges themselves (a pass over "
-        "425 MB of weights each, on the worker thread) and the rest the corrected steps. "
-        "Merging on another thread into spare copies of the layers (memory) or fewer targeted "
-        "layers would move it"
+        "rows of each version decode side by side (a per-row LoRA correction, +3-15 % a step) and "
+        "the new version is merged only once every row is on it, so a run of mixed batches "
+        "pays the corrected steps and no merge. What is left is the corrected steps: two "
+        "thin matmuls per linear layer for the rows of other versions; sharing the "
+        "low-rank product between the layers that read the same input (q/k/v, gate/up) "
+        "would cut their count"
     ),
     "memory": (
         "torch's runtime (libtorch, MKL, the tokenizer, Python: ~0.5 GB) does not shrink with the "

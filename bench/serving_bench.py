@@ -17,8 +17,10 @@ run (the machines are shared and noisy); each is the median of `--repeats` tries
 5. swaps under load: 50 questions with 10 adapter swaps among them: failed or duplicated answers,
    answers on the wrong version, and throughput ÷ the same run without swaps; the same swaps
    with the batch drained at each one (the engine's former way) beside it. Measured in a fresh
-   process when this run also measures decode or adapter: after a plain `generate` or PEFT in
-   the same process the engine's steps were slower (cause not found; the bot runs neither).
+   process when this run also measures decode or adapter, as the bot starts. (Steps measured
+   after a plain `generate` or PEFT in the same process were slower: OpenMP keeps a team of
+   helper threads for each thread that ran a parallel op, and with more of them than cores
+   every op waits for its helpers to wake; this script now runs such work in passing threads.)
 7. memory: RSS of a fresh process serving as the bot does (cached model, engine, an adapter
    merged, 8 questions at once) ÷ the weights' bytes (this process has also run PEFT and
    `generate` for the other figures, so its own RSS would overstate the bot's).
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_bench import make_random_adapter  # noqa: E402
 from bot.engine.loading import load_base_model  # noqa: E402
+from bot.engine.threads import in_passing_thread  # noqa: E402
 from bot.engine.types import AnswerRequest  # noqa: E402
 from bot.engine.worker import AnswerEngine  # noqa: E402
 from bot.settings import DEFAULT_BASE_MODEL, DEFAULT_SYSTEM_PROMPT, Settings  # noqa: E402
@@ -75,7 +78,15 @@ def weight_bytes(model) -> int:
 def copy_bandwidth(device, *, mbytes: int = 512, repeats: int = 5, threads: int = 0) -> float:
     """Bytes/s copied from a large tensor to another (its size ÷ the copy's time; the memory
     traffic is twice that: each byte is read and written), best of `repeats`; on `threads`
-    torch threads when given (the machine's limit, whatever count the engine chose)."""
+    torch threads when given (the machine's limit, whatever count the engine chose). In a
+    passing thread: OpenMP helpers left on this one would slow the engine measured next
+    (`bot.engine.threads.in_passing_thread`)."""
+    return in_passing_thread(
+        _copy_bandwidth, device, mbytes=mbytes, repeats=repeats, threads=threads
+    )
+
+
+def _copy_bandwidth(device, *, mbytes: int, repeats: int, threads: int) -> float:
     import torch
 
     if threads:
@@ -124,6 +135,11 @@ def decode_speed(engine, *, questions, timeout=600) -> float:
 
 
 def generate_speed(loaded, *, n: int, questions) -> float:
+    """`_generate_speed` in a passing thread (see `copy_bandwidth`)."""
+    return in_passing_thread(_generate_speed, loaded, n=n, questions=questions)
+
+
+def _generate_speed(loaded, *, n: int, questions) -> float:
     """Batch-1 decode tokens/s of plain `model.generate` (prefill timed apart and subtracted)."""
     import torch
 
@@ -338,8 +354,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folders = [
-            make_random_adapter(
-                cache_dir=cache_dir, folder=Path(tmp) / f"v000{i}", seed=i, threads=0
+            in_passing_thread(  # PEFT's torch work: not on this long-lived thread
+                make_random_adapter,
+                cache_dir=cache_dir,
+                folder=Path(tmp) / f"v000{i}",
+                seed=i,
+                threads=0,
             )
             for i in (1, 2)
         ]
@@ -362,8 +382,9 @@ def main() -> None:
                 print("adapter", out["adapter"], flush=True)
 
         if "swaps" in only and only & {"decode", "adapter"}:
-            # after a plain `generate` or PEFT in the same process the engine's steps got
-            # slower (measured, cause not found); the bot never runs either: a fresh process
+            # a fresh process, as the bot starts (the cause of the slower steps measured after
+            # plain generate or PEFT here: OpenMP teams left on this thread; now in passing
+            # threads, see bot.engine.threads.in_passing_thread)
             out["swaps"] = _fresh_process_part("swaps", args)
             print("swaps (fresh process)", out["swaps"], flush=True)
         elif "swaps" in only:
@@ -399,9 +420,9 @@ def main() -> None:
             print("memory", out["memory"], flush=True)
 
         if "adapter" in only:
-            out["adapter"]["peft_unmerged_ratio"] = peft_unmerged_overhead(loaded, folders[0], n=n)[
-                "ratio"
-            ]
+            out["adapter"]["peft_unmerged_ratio"] = in_passing_thread(
+                peft_unmerged_overhead, loaded, folders[0], n=n
+            )["ratio"]
             print("peft unmerged", out["adapter"]["peft_unmerged_ratio"], flush=True)
 
     if args.json:

@@ -56,6 +56,57 @@ def prompt_ids(loaded, question: str) -> list[int]:
 # the decode loop itself
 
 
+def test_the_lean_step_gives_the_logits_of_the_transformers_forward(loaded, adapters):
+    """Staggered joins (padding), a row leaving, rows of two versions corrected, bf16: each
+    step of the lean path against the transformers forward on a twin batch."""
+    from bot.engine.decoding import LeanStep
+
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    assert LeanStep.build(model) is not None  # the tiny model is a Llama, GQA included
+    assert model.config.num_key_value_heads != model.config.num_attention_heads
+    read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001",)}
+    weights = MergedWeights(model=model)
+    weights.apply(read["v0001"])
+    batches = {}
+    for lean in (True, False):
+        batch = DecodeBatch(model, pad_id=pad, device=loaded.device, lean=lean)
+        batch.weights_for = lambda keys: weights.mixed(keys, read)
+        batches[lean] = batch
+    assert batches[True].lean is not None and batches[False].lean is None
+    compared = 0
+    with torch.inference_mode():
+        tokens = {}
+        for step in range(10):
+            for lean, batch in batches.items():
+                if step in (0, 3):  # a long prompt joins later: the first row is padded
+                    question = QUESTIONS[0] if step == 0 else QUESTIONS[4] * 2
+                    keys = ["v0001"] if step == 0 else [None]  # the base: corrected rows
+                    new = batch.join([prompt_ids(loaded, question)], [step], keys=keys)
+                    previous = tokens.get(lean, torch.zeros(0, dtype=torch.long))
+                    tokens[lean] = torch.cat([previous, new.argmax(-1)])
+                if step == 7:
+                    batch.keep([1])
+                    tokens[lean] = tokens[lean][[1]]
+            steps = {lean: batch.step(tokens[lean]) for lean, batch in batches.items()}
+            torch.testing.assert_close(steps[True], steps[False], atol=1e-5, rtol=1e-5)
+            for lean in batches:
+                tokens[lean] = steps[False].argmax(-1)  # both follow the same tokens
+            compared += 1
+    weights.apply(None)
+    assert compared == 10
+    # bf16: the norms go through the modules (their float32 round trip), on a bf16 copy
+    low = type(model)(model.config).to(torch.bfloat16)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    low.eval()
+    outs = {}
+    with torch.inference_mode():
+        for lean in (True, False):
+            batch = DecodeBatch(low, pad_id=pad, device=loaded.device, lean=lean)
+            first = batch.join([prompt_ids(loaded, q) for q in QUESTIONS[:2]], [0, 1])
+            outs[lean] = batch.step(first.argmax(-1)).float()
+    torch.testing.assert_close(outs[True], outs[False], atol=2e-2, rtol=2e-2)
+
+
 def test_rows_that_join_and_leave_decode_like_rows_alone(loaded):
     """Drive DecodeBatch by hand: staggered joins, rows leaving, padding columns trimmed."""
     model, pad = loaded.model, loaded.tokenizer.pad_token_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.engine.threads import ThreadTuner
+from bot.engine.threads import ThreadTuner, in_passing_thread
 from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_adapter, make_engine
 
 
@@ -129,3 +129,21 @@ def test_corrected_steps_run_on_the_chosen_threads_not_a_probes(loaded, adapters
     assert engine._tuner.choice == most
     assert 1 in alone  # the uncorrected steps did run the probe's single thread
     assert beside and set(beside) == {most}  # never the probe's single thread
+
+
+def test_in_passing_thread_returns_raises_and_leaves_no_thread_behind():
+    import threading
+
+    seen = []
+
+    def work(a, *, b):
+        seen.append(threading.current_thread())
+        if b is None:
+            raise ValueError("no b")
+        return a + b
+
+    assert in_passing_thread(work, 2, b=3) == 5
+    with pytest.raises(ValueError, match="no b"):
+        in_passing_thread(work, 2, b=None)
+    assert len(seen) == 2 and threading.current_thread() not in seen
+    assert not any(thread.is_alive() for thread in seen)

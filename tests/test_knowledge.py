@@ -342,7 +342,7 @@ def test_background_refresh_picks_up_a_new_verdict(sqlite_url, embedder):
 
 
 def test_embedder_vectors_are_unit_length_and_cached(embedder):
-    calls = []
+    calls, threads = [], []
 
     class Recording:
         def __init__(self, model):
@@ -350,6 +350,7 @@ def test_embedder_vectors_are_unit_length_and_cached(embedder):
 
         def encode(self, texts, **kwargs):
             calls.append(list(texts))
+            threads.append(threading.current_thread())
             return self.model.encode(texts, **kwargs)
 
         def get_sentence_embedding_dimension(self):
@@ -365,6 +366,10 @@ def test_embedder_vectors_are_unit_length_and_cached(embedder):
     wrapped.encode(["third"])  # the cap of two evicts the least recently used, "a question"
     wrapped.encode(["another one", "a question"])
     assert calls[1:] == [["third"], ["a question"]]
+    # each encode ran on a thread of its own that has ended (torch's OpenMP helpers go with it)
+    assert len({id(t) for t in threads}) == len(threads) == 3
+    assert threading.current_thread() not in threads
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_normalised_questions_ignore_case_spacing_mentions_and_punctuation():

@@ -56,10 +56,13 @@ class DecodeBatch:
 
     kept_prefixes = 3  # prefix states kept for weights other than the current ones
 
-    def __init__(self, model, *, pad_id: int, device):
+    def __init__(self, model, *, pad_id: int, device, lean: bool = True):
+        """`lean`: decoding steps of a Llama-family model run `LeanStep` (where it applies)
+        instead of the transformers forward; prefills always run the latter."""
         self.model = model
         self.pad_id = pad_id
         self.device = device
+        self.lean = LeanStep.build(model) if lean else None
         self.rows: list[Any] = []  # the caller's per-row objects, in batch order
         self.keys: list[object] = []  # the weights each row decodes with (see `use_weights`)
         # keys of a forward's rows -> a context in which each row gets its own key's weights
@@ -216,16 +219,23 @@ class DecodeBatch:
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         with self._weights(self.keys):
-            output = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=self.mask,
-                position_ids=self.positions[:, None],
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            if self.lean is not None and self._lean_cache():
+                logits = self.lean(tokens, self.positions, self.mask, self.cache)
+            else:
+                logits = self.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=self.mask,
+                    position_ids=self.positions[:, None],
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1, :]
         self.positions = self.positions + 1
-        return output.logits[:, -1, :]
+        return logits
+
+    def _lean_cache(self) -> bool:
+        """Whether every cache layer is one `LeanStep` can write (plain or growing)."""
+        return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep only the rows at `indices` (in that order); the others leave the batch."""
@@ -263,6 +273,82 @@ class DecodeBatch:
             )
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
         self.positions = torch.cat([self.positions, positions])
+
+
+class LeanStep:
+    """One decoding step of a Llama-family model (one token a row) in as few ops as it takes.
+
+    The transformers forward spends about a third of a batch-1 step on this project's CPU in
+    Python and dispatch (module calls, decorators, argument handling, mask building: ~700
+    small ops; `bench/profile_decode.py`), as much as the products of most layers. This is the
+    same computation written straight: per layer RMSNorm, the q/k/v projections, RoPE, the
+    cache update, SDPA, the output projection, RMSNorm and the gated MLP; then the final norm
+    and the vocabulary projection of the last position only. The projections are the
+    model's own modules, called as modules: an adapter merged into their weights, the
+    engine's row kernels and its per-row LoRA correction (a replaced forward) all apply. The
+    mask is the padding mask alone (a step's one query may see every column before it).
+
+    `build` returns None for anything it does not know exactly (another architecture, a
+    sliding window, an activation other than SiLU, an attention implementation other than
+    sdpa/eager): those keep the transformers forward. Logits equal the transformers forward's
+    within float rounding (tested; equal bits at batch 1 in float32 here).
+    """
+
+    def __init__(self, model):
+        inner = model.model
+        config = model.config
+        self.model, self.inner = model, inner
+        self.layers = list(inner.layers)
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.eps = config.rms_norm_eps
+        self.gqa = config.num_key_value_heads != config.num_attention_heads
+
+    @classmethod
+    def build(cls, model) -> LeanStep | None:
+        from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+        config = getattr(model, "config", None)
+        if (
+            type(model) is not LlamaForCausalLM
+            or getattr(config, "hidden_act", None) != "silu"
+            or getattr(config, "sliding_window", None)
+            or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager")
+            or getattr(config, "pretraining_tp", 1) != 1
+        ):
+            return None
+        return cls(model)
+
+    def _norm(self, x: torch.Tensor, module) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one op; in other dtypes the module's float32 round trip
+            return F.rms_norm(x, (x.shape[-1],), module.weight, self.eps)
+        return module(x)
+
+    def __call__(self, tokens, positions, mask, cache) -> torch.Tensor:
+        """Logits (rows, vocabulary) for `tokens` (rows,) at `positions` (rows,), with the 2-D
+        padding `mask` (rows, columns) that already includes this step's column."""
+        rows, head_dim, half = tokens.shape[0], self.head_dim, self.head_dim // 2
+        x = self.inner.embed_tokens(tokens[:, None])  # (rows, 1, hidden)
+        cos, sin = self.inner.rotary_emb(x, positions[:, None])
+        cos, sin = cos[:, None], sin[:, None]  # (rows, 1, 1, head_dim): over the heads
+        attend = None if bool(mask.all()) else mask[:, None, None, :].bool()
+        for index, layer in enumerate(self.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            h = self._norm(x, layer.input_layernorm)
+            q = attention.q_proj(h).view(rows, 1, -1, head_dim).transpose(1, 2)
+            k = attention.k_proj(h).view(rows, 1, -1, head_dim).transpose(1, 2)
+            v = attention.v_proj(h).view(rows, 1, -1, head_dim).transpose(1, 2)
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+            k, v = cache.layers[index].update(k, v)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attend, scale=attention.scaling, enable_gqa=self.gqa
+            )
+            x = x + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            h = self._norm(x, layer.post_attention_layernorm)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return self.model.lm_head(self._norm(x[:, -1], self.inner.norm))
 
 
 class GrowingLayer(DynamicLayer):

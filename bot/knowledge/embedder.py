@@ -9,7 +9,8 @@ Vectors come out L2-normalised, so a dot product is the cosine similarity. Encod
 serialised by a lock: a fast tokenizer used from two threads at once can fail with
 "Already borrowed", and one query takes ~10 ms, so queuing costs little. A small LRU cache
 keeps repeated texts (the same question looked up for an exact match and then for notes) from
-being encoded twice.
+being encoded twice. Each encode runs in a passing thread (`in_passing_thread`): torch's
+OpenMP helper threads left on a long-lived caller slow the answer engine down.
 
 `Embedder` is the seam: anything with `encode(list[str]) -> ndarray` works, which is how tests
 count calls on a wrapper around the real model.
@@ -22,6 +23,8 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 import numpy as np
+
+from bot.engine.threads import in_passing_thread
 
 DIMENSIONS = 384
 
@@ -55,7 +58,10 @@ class SentenceEmbedder:
         with self._lock:
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
             if missing:
-                vectors = self._model.encode(
+                # torch's OpenMP helpers must not stay behind on the caller's long-lived
+                # thread (a Bolt listener, the main thread): they halve the engine's decode
+                vectors = in_passing_thread(
+                    self._model.encode,
                     missing,
                     batch_size=64,
                     normalize_embeddings=True,
