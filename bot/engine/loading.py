@@ -149,8 +149,16 @@ def load_base_model(
 
 
 def load_from_settings(settings, *, serving: bool = False) -> LoadedModel:
-    """The configured base model; for `serving`, in `APPRENTICE_SERVE_DTYPE`."""
-    return load_base_model(
+    """The configured base model; for `serving`, in `APPRENTICE_SERVE_DTYPE`.
+
+    Loaded in a passing thread: loading runs torch ops (the first load converts the GGUF file),
+    and OpenMP helpers left behind on a long-lived caller (the bot's main thread) would slow
+    the answer engine down for as long as the process runs (`bot.engine.threads`).
+    """
+    from bot.engine.threads import in_passing_thread
+
+    return in_passing_thread(
+        load_base_model,
         settings.base_model,
         device=settings.device,
         cache_dir=settings.model_cache_dir,
