@@ -85,7 +85,8 @@ class DecodeBatch:
 
     @property
     def can_join(self) -> bool:
-        """Whether newcomers can join rows already decoding (plain dynamic cache layers only)."""
+        """Whether newcomers can join rows already decoding (plain dynamic cache layers only;
+        the same layers are those `LeanStep` can write)."""
         if self.cache is None:
             return True
         return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
@@ -108,8 +109,7 @@ class DecodeBatch:
             self._kept_states[self._weights_key] = self._prefix_states
         self._weights_key = key
         self._prefix_states = self._kept_states.pop(key, None)
-        while len(self._kept_states) > self.kept_prefixes:
-            self._kept_states.pop(next(iter(self._kept_states)))  # the oldest first
+        self._trim_kept()
 
     def join(
         self,
@@ -209,9 +209,13 @@ class DecodeBatch:
                 self._prefix_states = states
             else:
                 self._kept_states[key] = states
-                while len(self._kept_states) > self.kept_prefixes:
-                    self._kept_states.pop(next(iter(self._kept_states)))  # the oldest first
+                self._trim_kept()
         return states
+
+    def _trim_kept(self) -> None:
+        """Keep the prefix states of the last `kept_prefixes` other weights (oldest out first)."""
+        while len(self._kept_states) > self.kept_prefixes:
+            self._kept_states.pop(next(iter(self._kept_states)))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its last token (`tokens`, shape (rows,)); return the next logits."""
@@ -219,7 +223,7 @@ class DecodeBatch:
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         with self._weights(self.keys):
-            if self.lean is not None and self._lean_cache():
+            if self.lean is not None and self.can_join:
                 logits = self.lean(tokens, self.positions, self.mask, self.cache)
             else:
                 logits = self.model(
@@ -232,10 +236,6 @@ class DecodeBatch:
                 ).logits[:, -1, :]
         self.positions = self.positions + 1
         return logits
-
-    def _lean_cache(self) -> bool:
-        """Whether every cache layer is one `LeanStep` can write (plain or growing)."""
-        return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in self.cache.layers)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep only the rows at `indices` (in that order); the others leave the batch."""
