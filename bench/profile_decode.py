@@ -288,9 +288,9 @@ def main() -> None:
     loaded = load_from_settings(settings)
     prefix = AnswerEngine.from_settings(settings, loaded=loaded)._shared_prefix()
     if args.row_kernels:
-        from bot.engine import kernels
+        from bot.engine import kernels, skinny
 
-        kernels.install(loaded.model)
+        kernels.install(loaded.model, library=skinny.load())  # weight on the left without it
     thread_counts = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
     print(f"{settings.base_model} on {loaded.device} ({loaded.dtype}), torch {torch.__version__}")
     for threads in thread_counts:

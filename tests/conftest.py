@@ -77,12 +77,19 @@ def make_settings(tmp_path, tiny_model_dir, sqlite_url):
     return make
 
 
+@pytest.fixture(scope="session")
+def kernel_dir(tmp_path_factory):
+    """Where the skinny kernel is built: once a test session, never in the user's cache."""
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
+def _isolated_env(monkeypatch, tmp_path, kernel_dir):
     """No test reads the developer's .env or real Slack variables, or writes outside tmp."""
     for key in list(os.environ):
         if key.startswith(("APPRENTICE_", "SLACK_")):
             monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("APPRENTICE_KERNEL_DIR", str(kernel_dir))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

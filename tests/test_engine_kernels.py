@@ -1,8 +1,9 @@
-"""The decoding step's two speed-ups: the weight-on-the-left product and the in-place KV cache.
+"""The decoding step's speed-ups: the few-row products (skinny kernel, weight on the left) and
+the in-place KV cache.
 
-What must hold: both compute what they replace (within float rounding for the product, exactly
-for the cache), leave the model's parameters and state dict alone, and step aside where they do
-not apply (bf16, many rows, special cache layers).
+What must hold: both compute what they replace (within float rounding for the products,
+exactly for the cache), leave the model's parameters and state dict alone, and step aside where
+they do not apply (bf16, many rows, row counts where they lost, special cache layers).
 """
 
 from __future__ import annotations
@@ -12,19 +13,28 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from bot.engine import kernels
+from bot.engine import kernels, skinny
 from bot.engine.decoding import GrowingLayer, _growing
 from tests.test_engine_worker import QUESTIONS, WAIT, load_tiny, make_engine
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 40, kernels.MOST_ROWS, kernels.MOST_ROWS + 1])
+@pytest.fixture(scope="module")
+def library():
+    built = skinny.load()
+    assert built is not None, "this machine has g++ and AVX2: the kernel must build"
+    return built
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 40, kernels.MOST_ROWS, kernels.MOST_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_product_equals_f_linear_within_rounding(rows, bias):
+@pytest.mark.parametrize("product", ["skinny", "left"])
+def test_the_product_equals_f_linear_within_rounding(rows, bias, product, request):
+    built = request.getfixturevalue("library") if product == "skinny" else None
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(300, 70, generator=generator)
+    weight = torch.randn(300, 70, generator=generator)  # 70: not a multiple of a vector
     b = torch.randn(300, generator=generator) if bias else None
     x = torch.randn(rows, 1, 70, generator=generator)  # (rows, tokens, features) as in a step
-    got = kernels.linear(x, weight, b)
+    got = kernels.linear(x, weight, b, library=built)
     expected = F.linear(x, weight, b)
     assert got.shape == expected.shape == (rows, 1, 300)
     assert got.is_contiguous()
@@ -33,15 +43,18 @@ def test_the_product_equals_f_linear_within_rounding(rows, bias):
         assert torch.equal(got, expected)
 
 
-def test_a_prefill_shaped_input_and_bf16_keep_f_linear():
+def test_a_prefill_shaped_input_and_bf16_keep_f_linear(library):
     weight = torch.randn(64, 32)
     x = torch.randn(2, 5, 32)  # 10 rows: still the fast path, any leading shape
-    torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=0)
-    low = weight.to(torch.bfloat16)
-    assert torch.equal(kernels.linear(x.to(low.dtype), low), F.linear(x.to(low.dtype), low))
+    for built in (None, library):
+        got = kernels.linear(x, weight, library=built)
+        torch.testing.assert_close(got, F.linear(x, weight), atol=1e-5, rtol=0)
+        low = weight.to(torch.bfloat16)
+        got = kernels.linear(x.to(low.dtype), low, library=built)
+        assert torch.equal(got, F.linear(x.to(low.dtype), low))
 
 
-def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tmp_path):
+def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tmp_path, library):
     loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
     model = loaded.model
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -50,13 +63,14 @@ def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tm
         before = model(input_ids=ids).logits
         linears = sum(type(m) is torch.nn.Linear for m in model.modules())
         assert kernels.applies(model)
-        assert kernels.install(model) == linears > 0
+        assert kernels.install(model, library=library) == linears > 0
         assert not any(type(m) is torch.nn.Linear for m in model.modules())
         during = model(input_ids=ids).logits
         kernels.uninstall(model)
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == linears
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[name], state[name]) for name in state)
+    assert all("library" not in vars(m) for m in model.modules())
     torch.testing.assert_close(during, before, atol=1e-4, rtol=1e-4)
 
 
@@ -68,24 +82,26 @@ def test_the_engine_installs_the_product_while_it_runs_and_answers_alike(tiny_mo
             answers[row_kernels] = [engine.answer(q, timeout=WAIT).text for q in QUESTIONS[:4]]
             running = {type(m) for m in loaded.model.modules()}
             assert (kernels.RowLinear in running) is row_kernels
+            assert engine.stats()["row_kernel"] == ("skinny" if row_kernels else None)
         assert kernels.RowLinear not in {type(m) for m in loaded.model.modules()}
     assert answers[True] == answers[False]
 
 
-def test_the_engine_measures_up_to_how_many_rows_the_product_is_faster(tiny_model_dir, tmp_path):
+def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
+    tiny_model_dir, tmp_path, library
+):
     loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
-    limits, ratios = kernels.measure(loaded.model, threads=(1, 2), counts=(1, 2, 4), repeats=1)
-    assert set(limits) == set(ratios) == {1, 2}
-    for threads, limit in limits.items():
-        measured = ratios[threads]
-        assert list(measured) == [1, 2, 4][: len(measured)] and all(
-            r > 0 for r in measured.values()
+    counts = (1, 2, 4, 8)
+    for built in (library, None):
+        wins, ratios = kernels.measure(
+            loaded.model, library=built, threads=(1, 2), counts=counts, repeats=1
         )
-        # the limit: the last count of an unbroken run of wins; the first loss ends the run
-        wins = [rows for rows, ratio in measured.items() if ratio < 0.95]
-        assert limit == (max(wins) if wins else 0)
-        assert wins == [1, 2, 4][: len(wins)]
-        assert len(measured) == min(3, len(wins) + 1)
+        assert set(wins) == set(ratios) == {1, 2}
+        for threads, won in wins.items():
+            measured = ratios[threads]
+            assert list(measured) == list(counts) and all(r > 0 for r in measured.values())
+            # a count is won where the product took under 0.95 of F.linear's time
+            assert won == [rows for rows, ratio in measured.items() if ratio < 0.95]
     with make_engine(loaded) as engine:  # row_kernels=None: measured at the worker's start
         engine.answer(QUESTIONS[0], timeout=WAIT)
         stats = engine.stats()
@@ -94,14 +110,24 @@ def test_the_engine_measures_up_to_how_many_rows_the_product_is_faster(tiny_mode
         assert installed == bool(
             stats["row_kernel_rows"] and any(stats["row_kernel_rows"].values())
         )
+        assert stats["row_kernel"] == ("skinny" if installed else None)
     low = torch.nn.Linear(8, 8).to(torch.bfloat16)
     assert not kernels.applies(low)
     assert kernels.measure(low) == ({}, {})
 
 
-def test_each_layer_uses_the_product_only_up_to_the_limit_of_the_thread_count():
+def test_a_row_count_goes_with_the_next_measured_count():
+    uses = kernels.plan({1: [], 2: [2, 8], 4: [1, 2, 4, 8, 16, 32]}, counts=(1, 2, 4, 8, 16, 32))
+    assert uses[1] == (False,) * 33
+    # 2 threads: 1 row goes with count 1 (lost), 2 with 2 (won), 3-4 with 4 (lost), 5-8 with
+    # 8 (won), more with 16 and 32 (lost)
+    assert [rows for rows, use in enumerate(uses[2]) if use] == [2, 5, 6, 7, 8]
+    assert [rows for rows, use in enumerate(uses[4]) if use] == list(range(1, 33))
+
+
+def test_each_layer_uses_the_product_only_at_the_counts_it_won_for_the_thread_count(library):
     layer = torch.nn.Linear(70, 300)
-    kernels.install(layer, {1: 0, 2: 4})
+    kernels.install(layer, {1: [], 2: [1, 2, 4]}, library=library)
     calls = []
     original = kernels.F.linear
 
@@ -113,7 +139,7 @@ def test_each_layer_uses_the_product_only_up_to_the_limit_of_the_thread_count():
     try:
         kernels.F.linear = counting
         with torch.inference_mode():
-            for count, rows in ((1, 2), (2, 4), (2, 5), (3, 1)):
+            for count, rows in ((1, 2), (2, 4), (2, 3), (2, 5), (3, 1)):
                 torch.set_num_threads(count)
                 expected = original(torch.ones(rows, 1, 70), layer.weight, layer.bias)
                 torch.testing.assert_close(layer(torch.ones(rows, 1, 70)), expected)
@@ -121,9 +147,9 @@ def test_each_layer_uses_the_product_only_up_to_the_limit_of_the_thread_count():
         kernels.F.linear = original
         torch.set_num_threads(threads)
         kernels.uninstall(layer)
-    # F.linear: 1 thread (limit 0), 2 threads past 4 rows, 3 threads (never measured)
+    # F.linear: 1 thread (won nothing), 2 threads past 4 rows, 3 threads (never measured)
     assert calls == [2, 5, 1]
-    assert type(layer) is torch.nn.Linear and "row_limits" not in vars(layer)
+    assert type(layer) is torch.nn.Linear and "row_plan" not in vars(layer)
 
 
 def test_the_growing_layer_holds_what_concatenation_holds_and_steps_in_place():

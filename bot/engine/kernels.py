@@ -1,31 +1,31 @@
-"""A faster CPU matmul for the few rows of a decoding step: the weight on the left.
+"""Faster CPU matmuls for the few rows of a decoding step, chosen by measuring them here.
 
-A linear layer computes `x W^T` (x: rows x in, W: out x in). `F.linear` hands that to the BLAS
-as a product whose *small* operand comes first; with a handful of rows (a decoding step feeds one
-token a row) MKL then repacks the whole weight on every call and a step of 8 rows costs about
-twice a step of one, far from the memory-bound cost of reading the weights once. Computing the
-same product the other way round, `(W x^T)^T`, streams the weight as the left operand without
-repacking it: measured on this project's 2-core CPU (AVX2) over SmolLM2-135M's 211 weights
-(fp32, two threads, median of 3, each figure ms for all of them, F.linear / weight on the left):
+A linear layer computes `x W^T` (x: rows x in, W: out x in). With a handful of rows (a decoding
+step feeds one token a row) that is memory-bound: reading the weights is the cost, whatever the
+row count. `F.linear` does not behave so: it hands the BLAS a product whose small operand comes
+first, and MKL repacks the weight or runs below memory speed. Two other products:
 
-    rows   1      2       4       8       16      32      64      96      160
-           72/63  129/61  143/66  139/96  168/117 207/157 341/257 342/307 502/535
+- the skinny product (`bot/engine/skinny.py`, a small C++ kernel built on this machine) reads
+  each weight row once for every 4 rows and prefetches ahead: at 8 rows it costs ~1.3x one row.
+- the weight on the left, `(W x^T)^T`, which streams the weight as the BLAS's left operand
+  without repacking it; the fallback where the kernel cannot be built.
 
-One row goes through a two-row product (the row twice): the BLAS's one-row path (gemv) is the
-slower one here. From about 128 rows on (a long prefill) `F.linear` is as fast or faster, so it
-keeps those. Another CPU ranks them otherwise: on an AVX-512 EPYC (same 2 cores, 29 Nov 2026;
-ms, F.linear / weight on the left, best of 3)
+Which wins depends on the CPU, the BLAS build, the thread count and the row count. Measured
+over SmolLM2-135M's 211 weights (fp32, ms for all of them, F.linear / weight on the left /
+skinny; 29 Nov 2026, 2 cores):
 
-    rows          1      2      4      8      16
-    two threads   46/26  77/29  71/40  76/69  87/69
-    one thread    45/33  75/33  64/47  75/83  103/112
+    rows                       1            2            4            8
+    AVX2 EPYC, two threads     72/63/-      129/61/-     143/66/-     139/96/-
+    AVX-512 EPYC, two threads  46/26/-      77/29/-      71/40/-      76/69/-
+    AVX-512 Xeon, two threads  19/56/19     21/50/19     34/62/21     45/51/26
+    AVX-512 Xeon, one thread   38/93/35     42/92/38     71/93/39     99/96/51
 
-and there the 8-row ratio swings between 0.8 and 1.15 from one measurement to the next. So
-nothing is assumed: at the worker's start the engine measures (`measure`, 1-4 s over the
-model's weights) up to how many rows the weight on the left is faster, for one thread and for
-all (the thread tuner's two choices), and each `RowLinear` uses it only up to that count for
-the thread count of the moment. In bf16 `F.linear` is faster (so this is for float32 only),
-and on a GPU nothing changes.
+So nothing is assumed: at the worker's start the engine measures (`measure`) at each row count
+of `COUNTS` whether the product (skinny where built, else the weight on the left) beats
+`F.linear`, for one thread and for all (the thread tuner's two choices), and each `RowLinear`
+uses it at exactly the counts where it won (a row count between two counts goes with the
+larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as do bf16
+weights and a GPU.
 
 Results differ from `F.linear` in float rounding only (the sums run in another order: < 2e-4
 absolute on the model's layers). The layers keep their weights and their state dict: only the
@@ -39,8 +39,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bot.engine import skinny
+
 MOST_ROWS = 96  # never above: a prefill's many rows keep F.linear
 COUNTS = (1, 2, 4, 8, 16, 32)  # the row counts `measure` times (64: 0.92-1.03x, not worth it)
+MEASURED_BYTES = 160 * 2**20  # measure over about this much of the weights (well past any cache)
 _MEASURED: dict[tuple, tuple] = {}  # measure's results in this process, by weights and counts
 
 
@@ -50,9 +53,10 @@ def linear(
     bias: torch.Tensor | None = None,
     *,
     most_rows: int = MOST_ROWS,
+    library=None,
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, with the weight as the left operand for at most
-    `most_rows` CPU fp32 rows."""
+    """`F.linear(x, weight, bias)` for at most `most_rows` CPU fp32 rows computed with the
+    skinny kernel (`library`, from `skinny.load()`) or, without one, the weight on the left."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         not 0 < rows <= min(most_rows, MOST_ROWS)
@@ -62,27 +66,50 @@ def linear(
     ):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:
-        flat = torch.cat([flat, flat])  # a two-row product: faster than the one-row path
-    out = torch.mm(weight, flat.t()).t()[:rows].contiguous()
+    if library is not None:
+        out = skinny.linear(library, flat, weight)
+    else:
+        if rows == 1:
+            flat = torch.cat([flat, flat])  # a two-row product: faster than the one-row path
+        out = torch.mm(weight, flat.t()).t()[:rows].contiguous()
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def plan(wins: dict[int, list[int]], counts: tuple[int, ...] = COUNTS) -> dict[int, tuple]:
+    """{threads: counts where the product won} -> {threads: uses}, `uses[rows]` saying whether
+    `rows` rows go through it: a row count goes with the smallest measured count at or above
+    it; past the largest, F.linear."""
+    ordered = sorted(counts)
+    uses = {}
+    for threads, won in wins.items():
+        row_uses = [False]
+        for rows in range(1, min(ordered[-1], MOST_ROWS) + 1):
+            row_uses.append(next(c for c in ordered if c >= rows) in won)
+        uses[threads] = tuple(row_uses)
+    return uses
+
+
 class RowLinear(torch.nn.Linear):
     """An `nn.Linear` whose forward is `linear` above (same parameters, same state dict).
 
-    `row_limits` (set by `install`): torch's thread count -> the most rows computed with the
-    weight on the left at that count (0: never); None: up to `MOST_ROWS` at any count.
+    `row_plan` (set by `install`): torch's thread count -> `uses` (see `plan`); a thread count
+    it lacks uses F.linear. None: the product for up to `MOST_ROWS` rows at any count.
+    `library`: the skinny kernel, or None for the weight on the left.
     """
 
-    row_limits: dict[int, int] | None = None
+    row_plan: dict[int, tuple] | None = None
+    library = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        limits = self.row_limits
-        most = MOST_ROWS if limits is None else limits.get(torch.get_num_threads(), 0)
-        return linear(x, self.weight, self.bias, most_rows=most)
+        if self.row_plan is None:
+            return linear(x, self.weight, self.bias, library=self.library)
+        uses = self.row_plan.get(torch.get_num_threads(), ())
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if rows < len(uses) and uses[rows]:
+            return linear(x, self.weight, self.bias, library=self.library)
+        return F.linear(x, self.weight, self.bias)
 
 
 def applies(model) -> bool:
@@ -95,34 +122,53 @@ def applies(model) -> bool:
     )
 
 
+def measured_weights(model) -> list[torch.Tensor]:
+    """The weights `measure` times: every k-th linear weight (the k that leaves about
+    `MEASURED_BYTES`; k coprime with a layer's count of weights mixes their shapes), never so
+    few that they would sit in a CPU cache."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() * w.element_size() for w in weights)
+    step = max(1, total // MEASURED_BYTES)
+    return weights[::step]
+
+
 def measure(
     model,
     *,
+    library=None,
     threads: tuple[int, ...] | None = None,
     counts: tuple[int, ...] = COUNTS,
     repeats: int = 2,
     margin: float = 0.95,
-) -> tuple[dict[int, int], dict[int, dict[int, float]]]:
-    """For each torch thread count, up to how many rows `linear` beats `F.linear` here.
+) -> tuple[dict[int, list[int]], dict[int, dict[int, float]]]:
+    """For each torch thread count, at which row counts `linear` (with `library`) beats
+    `F.linear` here.
 
-    Measured over the model's own linear weights, not assumed: which product is faster
-    depends on the CPU, the BLAS build, the thread count and the row count (see the module
-    docstring). At each count of `counts`, in turn, both pass over every weight (a warm-up
-    round, then the best of `repeats`; a count that fails is measured once more); the limit
-    is the largest count up to which `linear` took at most `margin` of F.linear's time at
-    every count measured (counts past the first that fails are not measured). Kept for the
-    process: another engine over the same shapes measures nothing. `threads`: default 1 and
-    torch's current count, the two the engine's thread tuner chooses between. Returns
-    ({threads: most rows, 0 = never}, {threads: {rows: time with `linear` ÷ with F.linear}}).
+    Measured over the model's own linear weights (`measured_weights`), not assumed: which
+    product is faster depends on the CPU, the BLAS build, the thread count and the row count
+    (see the module docstring). At each count of `counts`, in turn, both pass over the weights
+    (a warm-up round, then the best of `repeats`); the product wins a count where it took at
+    most `margin` of F.linear's time (a count it loses gets a second measurement: one noisy
+    round must not decide). Every count is measured: at 1-2 rows both products are bound by
+    memory and either may win by a hair, yet at 4-16 rows one may be twice as fast. Kept for
+    the process: another engine over the same shapes measures nothing. `threads`: default 1
+    and torch's current count, the two the engine's thread tuner chooses between.
+    Returns ({threads: counts won}, {threads: {rows: time with `linear` ÷ with F.linear}}).
     """
     import time
 
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = measured_weights(model)
     if not weights or not applies(model):
         return {}, {}
     before = torch.get_num_threads()
     thread_counts = tuple(sorted(set(threads or (1, before))))
-    key = (tuple(tuple(w.shape) for w in weights), thread_counts, tuple(counts), margin)
+    key = (
+        tuple(tuple(w.shape) for w in weights),
+        thread_counts,
+        tuple(counts),
+        margin,
+        library is not None,
+    )
     if key in _MEASURED:  # another engine on the same shapes in this process
         return _MEASURED[key]
 
@@ -131,43 +177,47 @@ def measure(
         best = {True: float("inf"), False: float("inf")}
         for round_ in range(repeats + 1):  # the first round warms up
             for ours in (True, False):
-                product = linear if ours else F.linear
                 started = time.perf_counter()
                 for weight in weights:
-                    product(inputs[weight.shape[1]], weight)
+                    if ours:
+                        linear(inputs[weight.shape[1]], weight, library=library)
+                    else:
+                        F.linear(inputs[weight.shape[1]], weight)
                 if round_:
                     best[ours] = min(best[ours], time.perf_counter() - started)
         return best[True] / best[False]
 
-    limits: dict[int, int] = {}
+    wins: dict[int, list[int]] = {}
     ratios: dict[int, dict[int, float]] = {}
     try:
         with torch.inference_mode():
             for count_of_threads in thread_counts:
                 torch.set_num_threads(count_of_threads)
-                limits[count_of_threads], ratios[count_of_threads] = 0, {}
-                for rows in counts:
+                wins[count_of_threads], ratios[count_of_threads] = [], {}
+                for rows in sorted(counts):
                     ratio = ratio_at(rows)
-                    if ratio >= margin:  # a second chance: one noisy round must not decide
+                    if ratio >= margin:
                         ratio = min(ratio, ratio_at(rows))
                     ratios[count_of_threads][rows] = ratio
-                    if ratio >= margin:
-                        break
-                    limits[count_of_threads] = rows
+                    if ratio < margin:
+                        wins[count_of_threads].append(rows)
     finally:
         torch.set_num_threads(before)
-    _MEASURED[key] = (limits, ratios)
-    return limits, ratios
+    _MEASURED[key] = (wins, ratios)
+    return wins, ratios
 
 
-def install(model, limits: dict[int, int] | None = None) -> int:
-    """Make every plain `nn.Linear` of `model` a `RowLinear` (with `limits`, see RowLinear);
-    return how many changed."""
+def install(model, wins: dict[int, list[int]] | None = None, *, library=None) -> int:
+    """Make every plain `nn.Linear` of `model` a `RowLinear` using the product at the counts
+    `wins` names (see `measure`; None: up to `MOST_ROWS` rows at any thread count), with the
+    skinny kernel `library` or, without one, the weight on the left; return how many changed."""
+    row_plan = None if wins is None else plan(wins)
     changed = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = RowLinear
-            module.row_limits = limits
+            module.row_plan = row_plan
+            module.library = library
             changed += 1
     return changed
 
@@ -177,4 +227,5 @@ def uninstall(model) -> None:
     for module in model.modules():
         if type(module) is RowLinear:
             module.__class__ = torch.nn.Linear
-            vars(module).pop("row_limits", None)
+            vars(module).pop("row_plan", None)
+            vars(module).pop("library", None)

@@ -128,10 +128,12 @@ class AnswerEngine:
         per-row correction); off, it waits until the running rows have finished.
 
         `row_kernels`: while the worker runs, the model's linear layers compute a few rows with
-        the weight as the left operand (`bot.engine.kernels`: 1.4-2x faster steps on this
-        project's CPUs); None: where it applies (a CPU model in float32), up to the row count
-        the worker measured it faster on this machine's cores at its start (1-4 s), for one
-        thread and for all.
+        the skinny kernel built on this machine, or without one with the weight as the left
+        operand (`bot.engine.kernels`; 1.3-2x faster steps on this project's CPUs); True: at
+        every row count up to `kernels.MOST_ROWS`; None: where it applies (a CPU model in
+        float32), at the row counts where the worker measured it faster on this machine's cores
+        at its start (1-3 s, and ~2 s to build the kernel once a machine), for one thread and
+        for all.
         """
         from bot.engine.loading import base_weight_reader
         from bot.engine.merging import MergedWeights
@@ -179,7 +181,8 @@ class AnswerEngine:
             "last_batch_size": 0,
             "steps": 0,
             "row_kernels": False,  # whether the worker computes steps with kernels.linear
-            "row_kernel_rows": None,  # {threads: up to how many rows} (None: all, or unused)
+            "row_kernel": None,  # which product: "skinny" or "weight on the left"
+            "row_kernel_rows": None,  # {threads: the row counts it won} (None: all, or unused)
         }
         # batches: prefill groups (questions admitted together); steps: decoding steps
 
@@ -343,23 +346,28 @@ class AnswerEngine:
     def _run(self) -> None:
         import torch
 
-        from bot.engine import kernels
+        from bot.engine import kernels, skinny
         from bot.engine.decoding import DecodeBatch
         from bot.engine.threads import ThreadTuner
 
-        row_kernels, limits = self.row_kernels, None
+        row_kernels, wins, library = self.row_kernels, None, None
+        if row_kernels is not False and kernels.applies(self._base):
+            library = skinny.load()  # built on this machine at first use; None: can't be
         if row_kernels is None:  # where it applies, measured on this machine's cores
-            limits, ratios = kernels.measure(self._base)
-            row_kernels = any(limits.values())
+            wins, ratios = kernels.measure(self._base, library=library)
+            row_kernels = any(wins.values())
             if ratios:
                 log.info(
-                    "weight-on-the-left products up to %s rows (threads: rows; time ratios %s)",
-                    limits, ratios,
+                    "%s products at %s rows (threads: rows; time ratios to F.linear %s)",
+                    "skinny" if library else "weight-on-the-left", wins, ratios,
                 )  # fmt: skip
         self._counts["row_kernels"] = bool(row_kernels)
-        self._counts["row_kernel_rows"] = limits if row_kernels else None
+        self._counts["row_kernel"] = (
+            ("skinny" if library else "weight on the left") if row_kernels else None
+        )
+        self._counts["row_kernel_rows"] = wins if row_kernels else None
         if row_kernels:
-            kernels.install(self._base, limits)  # undone when the worker exits
+            kernels.install(self._base, wins, library=library)  # undone when the worker exits
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
         # rows admitted before a swap decode on their own version: corrected per row
