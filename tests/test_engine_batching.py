@@ -320,6 +320,45 @@ def test_a_bf16_engine_swaps_and_comes_back_to_the_same_answers(bf16, adapters):
             assert ([a.text for a in answers] == base) == (version is None)
 
 
+def test_a_bf16_engine_decodes_through_the_skinny_kernel_within_bf16_noise(bf16, adapters):
+    from bot.engine import kernels, skinny
+
+    model, pad = bf16.model, bf16.tokenizer.pad_token_id
+    prompts = [prompt_ids(bf16, q) for q in QUESTIONS[:3]]
+
+    def logits():
+        with torch.inference_mode():
+            batch = DecodeBatch(model, pad_id=pad, device=bf16.device)
+            first = batch.join(prompts, [None] * len(prompts))
+            return batch.step(first.argmax(-1)).float()
+
+    plain = logits()
+    calls, original = [], skinny.linear
+
+    def counted(library, x, weight):
+        calls.append(weight.dtype)
+        return original(library, x, weight)
+
+    kernels.install(model, library=skinny.load())
+    skinny.linear = counted
+    try:
+        through = logits()
+    finally:
+        skinny.linear = original
+        kernels.uninstall(model)
+    assert calls and set(calls) == {torch.bfloat16}  # the products ran through it
+    noise = plain.abs().max() * 2**-6  # a few bf16 steps of the largest logit
+    assert (through - plain).abs().max() < noise
+    with make_engine(bf16, row_kernels=True) as engine:
+        base = [engine.answer(q, timeout=WAIT).text for q in QUESTIONS[:3]]
+        stats = engine.stats()
+        assert stats["row_kernel"] == "skinny" and stats["row_kernel_widen"]
+        engine.set_adapter("v0002", adapters["v0002"]).result(timeout=WAIT)
+        assert engine.answer(QUESTIONS[0], timeout=WAIT).adapter_version == "v0002"
+        engine.set_adapter(None, None).result(timeout=WAIT)
+        assert [engine.answer(q, timeout=WAIT).text for q in QUESTIONS[:3]] == base
+
+
 def test_the_engine_hands_back_the_base_weights_when_it_stops(loaded, adapters):
     original = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     with make_engine(loaded) as engine:

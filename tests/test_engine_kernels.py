@@ -43,15 +43,21 @@ def test_the_product_equals_f_linear_within_rounding(rows, bias, product, reques
         assert torch.equal(got, expected)
 
 
-def test_a_prefill_shaped_input_and_bf16_keep_f_linear(library):
+def test_any_leading_shape_and_bf16_only_through_the_kernel(library):
     weight = torch.randn(64, 32)
     x = torch.randn(2, 5, 32)  # 10 rows: still the fast path, any leading shape
+    low, x_low = weight.to(torch.bfloat16), x.to(torch.bfloat16)
     for built in (None, library):
         got = kernels.linear(x, weight, library=built)
         torch.testing.assert_close(got, F.linear(x, weight), atol=1e-5, rtol=0)
-        low = weight.to(torch.bfloat16)
-        got = kernels.linear(x.to(low.dtype), low, library=built)
-        assert torch.equal(got, F.linear(x.to(low.dtype), low))
+        got = kernels.linear(x_low, low, library=built)
+        assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 64)
+        if built is None:  # the weight on the left is for float32 only
+            assert torch.equal(got, F.linear(x_low, low))
+        else:  # summed in float32 as torch's bf16 product does, rounded once at the end
+            torch.testing.assert_close(got, F.linear(x_low, low), atol=2e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError):  # dtypes that differ: F.linear's error, not a wrong sum
+        kernels.linear(x, low, library=library)
 
 
 def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tmp_path, library):
@@ -112,8 +118,8 @@ def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
         )
         assert stats["row_kernel"] == ("skinny" if installed else None)
     low = torch.nn.Linear(8, 8).to(torch.bfloat16)
-    assert not kernels.applies(low)
-    assert kernels.measure(low) == ({}, {})
+    assert not kernels.applies(low) and kernels.applies(low, library)
+    assert kernels.measure(low) == ({}, {})  # bf16 without the kernel: nothing to measure
 
 
 def test_a_row_count_goes_with_the_next_measured_count():
@@ -194,3 +200,36 @@ def test_only_plain_dynamic_layers_grow_in_place():
     cache.layers = [DynamicLayer(), Special()]
     _growing(cache)
     assert [type(layer) for layer in cache.layers] == [GrowingLayer, Special]
+
+
+def test_bf16_products_past_the_row_plan_are_widened_to_float32(library):
+    generator = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(70, 300).to(torch.bfloat16)
+    x = torch.randn(100, 1, 70, generator=generator).to(torch.bfloat16)  # a prefill's rows
+    widened = kernels.widened(x, layer.weight, layer.bias)
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert widened.dtype == torch.bfloat16 and torch.equal(widened, exact.to(torch.bfloat16))
+    torch.testing.assert_close(widened, F.linear(x, layer.weight, layer.bias), atol=2e-2, rtol=1e-2)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for widen in (True, False):
+                kernels.install(layer, {threads: [1, 2, 4, 8]}, library=library, widen=widen)
+                expected = widened if widen else F.linear(x, layer.weight, layer.bias)
+                assert torch.equal(layer(x), expected)
+                few = x[:8]  # within the plan: the skinny kernel either way
+                assert torch.equal(
+                    layer(few), kernels.linear(few, layer.weight, layer.bias, library=library)
+                )
+                kernels.uninstall(layer)
+    finally:
+        kernels.uninstall(layer)
+    assert "widen" not in vars(layer)
+
+
+def test_widening_is_measured_for_bf16_cpu_models_only(tiny_model_dir, tmp_path):
+    loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
+    assert kernels.measure_widening(loaded.model) is None  # float32: nothing to widen
+    low = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    ratio = kernels.measure_widening(low.to(torch.bfloat16), rows=16, repeats=1)
+    assert ratio is not None and ratio > 0

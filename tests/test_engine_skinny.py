@@ -1,6 +1,6 @@
 """The skinny kernel: built once a machine, the same sums as F.linear on every shape a model
-has (odd widths, few rows, more rows than a pass holds), both vector paths, and a clean refusal
-where it cannot be built."""
+has (odd widths, few rows, more rows than a pass holds), in float32 and bfloat16, on both vector
+paths, and a clean refusal where it cannot be built."""
 
 from __future__ import annotations
 
@@ -20,8 +20,16 @@ def _check(library, shapes):
         x = torch.randn(rows, width, generator=generator)
         weight = torch.randn(outputs, width, generator=generator)
         got = skinny.linear(library, x, weight)
-        assert got.shape == (rows, outputs)
+        assert got.shape == (rows, outputs) and got.dtype == torch.float32
         torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-4)
+        # bf16: the same sums over the widened values, rounded to bf16 once (the float32 sums
+        # run in another order, so a value on a rounding boundary may land one bf16 step away)
+        x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        got = skinny.linear(library, x, weight)
+        assert got.dtype == torch.bfloat16
+        exact = F.linear(x.float(), weight.float()).to(torch.bfloat16)
+        torch.testing.assert_close(got, exact, atol=1e-4, rtol=2**-7)
+        assert (got == exact).float().mean() > 0.95
 
 
 SHAPES = [

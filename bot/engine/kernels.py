@@ -24,8 +24,9 @@ So nothing is assumed: at the worker's start the engine measures (`measure`) at 
 of `COUNTS` whether the product (skinny where built, else the weight on the left) beats
 `F.linear`, for one thread and for all (the thread tuner's two choices), and each `RowLinear`
 uses it at exactly the counts where it won (a row count between two counts goes with the
-larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as do bf16
-weights and a GPU.
+larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as does a GPU.
+bf16 weights go through the skinny kernel only (widened to float32 as it reads them); without
+it, `F.linear`.
 
 Results differ from `F.linear` in float rounding only (the sums run in another order: < 2e-4
 absolute on the model's layers). The layers keep their weights and their state dict: only the
@@ -55,14 +56,16 @@ def linear(
     most_rows: int = MOST_ROWS,
     library=None,
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for at most `most_rows` CPU fp32 rows computed with the
-    skinny kernel (`library`, from `skinny.load()`) or, without one, the weight on the left."""
+    """`F.linear(x, weight, bias)` for at most `most_rows` CPU rows computed with the skinny
+    kernel (`library`, from `skinny.load()`: float32 or bfloat16) or, without one, the weight
+    on the left (float32 only)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    dtypes = skinny.DTYPES if library is not None else (torch.float32,)
     if (
         not 0 < rows <= min(most_rows, MOST_ROWS)
         or x.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or x.dtype != torch.float32
+        or weight.dtype not in dtypes
+        or x.dtype != weight.dtype
     ):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
@@ -91,35 +94,52 @@ def plan(wins: dict[int, list[int]], counts: tuple[int, ...] = COUNTS) -> dict[i
     return uses
 
 
+def widened(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear` of bfloat16 inputs computed in float32 and rounded back once.
+
+    On a CPU without AVX512-BF16 or AMX, torch's bf16 products are emulated: a prefill of 100-
+    300 rows over SmolLM2-135M took 2.3-4x longer in bf16 than widening each weight to float32
+    and multiplying there (Xeon AVX-512, 29 Nov 2026). `measure_widening` decides per machine.
+    """
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
 class RowLinear(torch.nn.Linear):
     """An `nn.Linear` whose forward is `linear` above (same parameters, same state dict).
 
     `row_plan` (set by `install`): torch's thread count -> `uses` (see `plan`); a thread count
     it lacks uses F.linear. None: the product for up to `MOST_ROWS` rows at any count.
-    `library`: the skinny kernel, or None for the weight on the left.
+    `library`: the skinny kernel, or None for the weight on the left. `widen`: bf16 products
+    that the row product does not take (a prefill's many rows) go through `widened`.
     """
 
     row_plan: dict[int, tuple] | None = None
     library = None
+    widen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_plan is None:
-            return linear(x, self.weight, self.bias, library=self.library)
-        uses = self.row_plan.get(torch.get_num_threads(), ())
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows < len(uses) and uses[rows]:
+        if self.row_plan is None:
+            use = rows <= MOST_ROWS
+        else:
+            uses = self.row_plan.get(torch.get_num_threads(), ())
+            use = rows < len(uses) and uses[rows]
+        if use:
             return linear(x, self.weight, self.bias, library=self.library)
+        if self.widen and x.dtype == self.weight.dtype == torch.bfloat16:
+            return widened(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def applies(model) -> bool:
-    """Whether the path can apply at all: a CPU model in float32."""
+def applies(model, library=None) -> bool:
+    """Whether the path can apply at all: a CPU model in float32, or in bfloat16 with the
+    skinny kernel `library`."""
     parameter = next(iter(model.parameters()), None)
-    return (
-        parameter is not None
-        and parameter.device.type == "cpu"
-        and parameter.dtype == torch.float32
-    )
+    dtypes = skinny.DTYPES if library is not None else (torch.float32,)
+    return parameter is not None and parameter.device.type == "cpu" and parameter.dtype in dtypes
 
 
 def measured_weights(model) -> list[torch.Tensor]:
@@ -158,7 +178,7 @@ def measure(
     import time
 
     weights = measured_weights(model)
-    if not weights or not applies(model):
+    if not weights or not applies(model, library):
         return {}, {}
     before = torch.get_num_threads()
     thread_counts = tuple(sorted(set(threads or (1, before))))
@@ -168,12 +188,13 @@ def measure(
         tuple(counts),
         margin,
         library is not None,
+        weights[0].dtype,
     )
     if key in _MEASURED:  # another engine on the same shapes in this process
         return _MEASURED[key]
 
     def ratio_at(rows: int) -> float:
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
         best = {True: float("inf"), False: float("inf")}
         for round_ in range(repeats + 1):  # the first round warms up
             for ours in (True, False):
@@ -207,10 +228,40 @@ def measure(
     return wins, ratios
 
 
-def install(model, wins: dict[int, list[int]] | None = None, *, library=None) -> int:
+def measure_widening(model, *, rows: int = 128, repeats: int = 2) -> float | None:
+    """For a bfloat16 CPU model: time of `widened` ÷ `F.linear` over `measured_weights` at
+    `rows` rows (a prefill's size), best of `repeats` after a warm-up; None for any other model
+    (nothing to widen)."""
+    import time
+
+    weights = measured_weights(model)
+    if not weights or weights[0].dtype != torch.bfloat16 or weights[0].device.type != "cpu":
+        return None
+    key = ("widening", tuple(tuple(w.shape) for w in weights), rows, torch.get_num_threads())
+    if key in _MEASURED:
+        return _MEASURED[key]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+    best = {True: float("inf"), False: float("inf")}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # the first round warms up
+            for widen in (True, False):
+                product = widened if widen else F.linear
+                started = time.perf_counter()
+                for weight in weights:
+                    product(inputs[weight.shape[1]], weight)
+                if round_:
+                    best[widen] = min(best[widen], time.perf_counter() - started)
+    _MEASURED[key] = best[True] / best[False]
+    return _MEASURED[key]
+
+
+def install(
+    model, wins: dict[int, list[int]] | None = None, *, library=None, widen: bool = False
+) -> int:
     """Make every plain `nn.Linear` of `model` a `RowLinear` using the product at the counts
     `wins` names (see `measure`; None: up to `MOST_ROWS` rows at any thread count), with the
-    skinny kernel `library` or, without one, the weight on the left; return how many changed."""
+    skinny kernel `library` or, without one, the weight on the left, and bf16 products it
+    does not take `widened` if `widen`; return how many changed."""
     row_plan = None if wins is None else plan(wins)
     changed = 0
     for module in model.modules():
@@ -218,6 +269,7 @@ def install(model, wins: dict[int, list[int]] | None = None, *, library=None) ->
             module.__class__ = RowLinear
             module.row_plan = row_plan
             module.library = library
+            module.widen = widen
             changed += 1
     return changed
 
@@ -227,5 +279,5 @@ def uninstall(model) -> None:
     for module in model.modules():
         if type(module) is RowLinear:
             module.__class__ = torch.nn.Linear
-            vars(module).pop("row_plan", None)
-            vars(module).pop("library", None)
+            for name in ("row_plan", "library", "widen"):
+                vars(module).pop(name, None)

@@ -1,14 +1,16 @@
 // A product for the few rows of a decoding step that reads the weight once: y = x W^T.
 //
-// x: M x K (M small: one token a row), W: N x K, y: M x N, all float32, row-major, contiguous.
-// Each thread takes chunks of W's rows; for each group of NW rows it keeps NW x MR sums in
-// registers and streams the group's rows once per block of MR rows of x (a later block finds
-// the group in L1). The next group is prefetched while this one is summed: without that, a
-// single core's stream stalled and 4 rows cost 1.3x one (measured, Xeon AVX-512).
+// x: M x K float32, W: N x K float32 or bfloat16 (its bits widened to float32 as they are
+// read), y: M x N float32; row-major and contiguous. Each thread takes chunks of W's rows; for
+// each group of NW rows it keeps NW x MR sums in registers and streams the group's rows once per
+// block of MR rows of x (a later block finds the group in L1). The next group is prefetched
+// while this one is summed: without that a single core's stream stalled and 4 rows cost 1.3x
+// one (measured, Xeon AVX-512). Sums run in float32 whatever W's type.
 // Built by bot/engine/skinny.py with -march=native; see that module for why it exists.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__)
 typedef __m512 vec;
@@ -17,6 +19,10 @@ static inline vec vzero() { return _mm512_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline vec vload(const uint16_t *p) {  // bfloat16: the high half of a float32
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
 enum { VW = 8, NW = 2 };  // 16 registers: NW x MR sums, NW weights and one x must fit
@@ -29,14 +35,26 @@ static inline float vsum(vec v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+static inline vec vload(const uint16_t *p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 #else
 #error "the skinny product needs AVX2 with FMA, or AVX-512"
 #endif
 
 enum { MR = 4 };  // rows of x per pass over a group
 
-template <int R, int G>
-static inline void group(const float *x, const float *w, float *y, long K, long N) {
+static inline float scalar(float v) { return v; }
+static inline float scalar(uint16_t v) {
+  const uint32_t bits = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <int R, int G, typename T>
+static inline void group(const float *x, const T *w, float *y, long K, long N) {
   const long kv = K - K % VW;
   vec acc[G][R];
 #pragma GCC unroll 16
@@ -63,26 +81,26 @@ static inline void group(const float *x, const float *w, float *y, long K, long 
 #pragma GCC unroll 16
     for (int m = 0; m < R; m++) {
       float s = vsum(acc[j][m]);
-      for (long k = kv; k < K; k++) s += w[j * K + k] * x[m * K + k];
+      for (long k = kv; k < K; k++) s += scalar(w[j * K + k]) * x[m * K + k];
       y[m * N + j] = s;
     }
 }
 
-template <int G>
-static void rows_of_group(const float *x, const float *w, float *y, long M, long K, long N) {
+template <int G, typename T>
+static void rows_of_group(const float *x, const T *w, float *y, long M, long K, long N) {
   long m = 0;
-  for (; m + MR <= M; m += MR) group<MR, G>(x + m * K, w, y + m * N, K, N);
+  for (; m + MR <= M; m += MR) group<MR, G, T>(x + m * K, w, y + m * N, K, N);
   switch (M - m) {
-    case 1: group<1, G>(x + m * K, w, y + m * N, K, N); break;
-    case 2: group<2, G>(x + m * K, w, y + m * N, K, N); break;
-    case 3: group<3, G>(x + m * K, w, y + m * N, K, N); break;
+    case 1: group<1, G, T>(x + m * K, w, y + m * N, K, N); break;
+    case 2: group<2, G, T>(x + m * K, w, y + m * N, K, N); break;
+    case 3: group<3, G, T>(x + m * K, w, y + m * N, K, N); break;
   }
 }
 
 extern "C" int skinny_vector_width(void) { return VW; }
 
-extern "C" void skinny_linear(const float *x, const float *w, float *y, long M, long K, long N,
-                              int threads) {
+template <typename T>
+static void product(const float *x, const T *w, float *y, long M, long K, long N, int threads) {
   if (threads < 1) threads = 1;
   // chunks of whole groups, about four a thread (k and v projections have few rows)
   long chunk = (N + threads * 4 - 1) / (threads * 4);
@@ -94,7 +112,17 @@ extern "C" void skinny_linear(const float *x, const float *w, float *y, long M, 
   for (long t = 0; t < tasks; t++) {
     const long n1 = (t + 1) * chunk < N ? (t + 1) * chunk : N;
     long n = t * chunk;
-    for (; n + NW <= n1; n += NW) rows_of_group<NW>(x, w + n * K, y + n, M, K, N);
-    for (; n < n1; n++) rows_of_group<1>(x, w + n * K, y + n, M, K, N);
+    for (; n + NW <= n1; n += NW) rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N);
+    for (; n < n1; n++) rows_of_group<1, T>(x, w + n * K, y + n, M, K, N);
   }
+}
+
+extern "C" void skinny_linear(const float *x, const float *w, float *y, long M, long K, long N,
+                              int threads) {
+  product<float>(x, w, y, M, K, N, threads);
+}
+
+extern "C" void skinny_linear_bf16(const float *x, const uint16_t *w, float *y, long M, long K,
+                                   long N, int threads) {
+  product<uint16_t>(x, w, y, M, K, N, threads);
 }

@@ -183,6 +183,7 @@ class AnswerEngine:
             "row_kernels": False,  # whether the worker computes steps with kernels.linear
             "row_kernel": None,  # which product: "skinny" or "weight on the left"
             "row_kernel_rows": None,  # {threads: the row counts it won} (None: all, or unused)
+            "row_kernel_widen": False,  # bf16 products past those rows computed in float32
         }
         # batches: prefill groups (questions admitted together); steps: decoding steps
 
@@ -350,24 +351,30 @@ class AnswerEngine:
         from bot.engine.decoding import DecodeBatch
         from bot.engine.threads import ThreadTuner
 
-        row_kernels, wins, library = self.row_kernels, None, None
-        if row_kernels is not False and kernels.applies(self._base):
+        row_kernels, wins, library, widen = self.row_kernels, None, None, False
+        if row_kernels is not False and kernels.applies(self._base, library=True):
             library = skinny.load()  # built on this machine at first use; None: can't be
         if row_kernels is None:  # where it applies, measured on this machine's cores
             wins, ratios = kernels.measure(self._base, library=library)
-            row_kernels = any(wins.values())
-            if ratios:
+            widening = kernels.measure_widening(self._base)  # bf16 on a CPU only
+            widen = widening is not None and widening < 0.95
+            row_kernels = any(wins.values()) or widen
+            if ratios or widening is not None:
                 log.info(
-                    "%s products at %s rows (threads: rows; time ratios to F.linear %s)",
-                    "skinny" if library else "weight-on-the-left", wins, ratios,
+                    "%s products at %s rows (threads: rows; time ratios to F.linear %s); "
+                    "bf16 prefills widened to float32: %s (time ratio %s)",
+                    "skinny" if library else "weight-on-the-left", wins, ratios, widen, widening,
                 )  # fmt: skip
+        elif row_kernels:  # told to: a bf16 CPU model's prefills are widened too
+            widen = kernels.applies(self._base, library=True) and not kernels.applies(self._base)
         self._counts["row_kernels"] = bool(row_kernels)
         self._counts["row_kernel"] = (
             ("skinny" if library else "weight on the left") if row_kernels else None
         )
         self._counts["row_kernel_rows"] = wins if row_kernels else None
-        if row_kernels:
-            kernels.install(self._base, wins, library=library)  # undone when the worker exits
+        self._counts["row_kernel_widen"] = widen
+        if row_kernels:  # undone when the worker exits
+            kernels.install(self._base, wins, library=library, widen=widen)
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
         batch.set_prefix(self._shared_prefix())
         # rows admitted before a swap decode on their own version: corrected per row
