@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -75,6 +76,28 @@ def make_settings(tmp_path, tiny_model_dir, sqlite_url):
         return Settings(_env_file=None, **values)
 
     return make
+
+
+def kernel_buildable() -> bool:
+    """Whether the skinny kernel can be built here: g++ and a CPU with AVX2 and FMA."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return shutil.which("g++") is not None and " avx2 " in cpu and " fma " in cpu
+
+
+@pytest.fixture
+def library(kernel_dir):
+    """The skinny kernel, built in this session's folder; where it cannot be, the test skips
+    (and where it can, it must build)."""
+    from bot.engine import skinny
+
+    if not kernel_buildable():
+        pytest.skip("the skinny kernel needs g++ and a CPU with AVX2 and FMA")
+    built = skinny.load(folder=kernel_dir)
+    assert built is not None, "g++ and AVX2 with FMA are here: the kernel must build"
+    return built
 
 
 @pytest.fixture(scope="session")

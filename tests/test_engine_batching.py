@@ -320,7 +320,7 @@ def test_a_bf16_engine_swaps_and_comes_back_to_the_same_answers(bf16, adapters):
             assert ([a.text for a in answers] == base) == (version is None)
 
 
-def test_a_bf16_engine_decodes_through_the_skinny_kernel_within_bf16_noise(bf16, adapters):
+def test_a_bf16_engine_decodes_through_the_skinny_kernel(bf16, adapters, library):
     from bot.engine import kernels, skinny
 
     model, pad = bf16.model, bf16.tokenizer.pad_token_id
@@ -339,7 +339,7 @@ def test_a_bf16_engine_decodes_through_the_skinny_kernel_within_bf16_noise(bf16,
         calls.append(weight.dtype)
         return original(library, x, weight)
 
-    kernels.install(model, library=skinny.load())
+    kernels.install(model, library=library)
     skinny.linear = counted
     try:
         through = logits()

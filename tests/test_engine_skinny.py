@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine import skinny
+from tests.conftest import kernel_buildable
+
+needs_kernel = pytest.mark.skipif(
+    not kernel_buildable(), reason="the skinny kernel needs g++ and a CPU with AVX2 and FMA"
+)
 
 
 def _check(library, shapes):
@@ -43,6 +48,7 @@ SHAPES = [
 ]
 
 
+@needs_kernel
 def test_it_builds_once_and_matches_f_linear(tmp_path):
     library = skinny.load(folder=tmp_path)
     assert library is not None
@@ -62,17 +68,14 @@ def test_it_builds_once_and_matches_f_linear(tmp_path):
             torch.set_num_threads(previous)
 
 
-def test_strided_inputs_are_copied_not_misread():
-    library = skinny.load()
+def test_strided_inputs_are_copied_not_misread(library):
     x = torch.randn(40, 6)[::5, :]  # rows 5 apart: not contiguous
     weight = torch.randn(6, 12).t()  # transposed
     torch.testing.assert_close(skinny.linear(library, x, weight), F.linear(x, weight))
 
 
+@needs_kernel
 def test_the_avx2_path_matches_too(tmp_path):
-    flags = open("/proc/cpuinfo").read()
-    if " avx2 " not in flags or " fma " not in flags:
-        pytest.skip("this CPU lacks AVX2 with FMA")
     avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
     library = skinny.load(folder=tmp_path, flags=avx2)
     assert library is not None and library.skinny_vector_width() == 8
