@@ -28,25 +28,23 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 # What limits a goal that is missed, and what would move it (from profiles on this machine).
 LIMITS = {
     "concurrency": (
-        "float32: one question got about twice as fast (the weight-on-the-left products at 1-2 "
-        "rows read the weights at 20-34 GB/s, and the lean step cut the per-op overhead), and "
-        "eight did not gain as much: at 8 rows MKL's products run at ~12 GB/s (44 ms over the "
-        "weights against 28 ms at 2 rows; neither memory- nor compute-bound), and the prefill "
-        "of 8 question tails (~80 rows) is compute-bound. Eight answers take about the time "
-        "plain generate takes for one. A skinny-matrix kernel that streams the weights once "
-        "for 8 rows (none in torch's CPU BLAS here), int8 weights, more cores or a GPU would "
-        "move it. bf16: without AVX512-BF16 or AMX bf16 matmuls are emulated and "
-        "compute-bound (3.9x on an AVX2-only CPU)"
+        "float32: the skinny kernel (bot/engine/skinny.cpp) halved the 8-row products (0.51-0.54 "
+        "of F.linear over the model's weights), and 8 answers took 1.50-1.68x one across five "
+        "runs on the Xeon of 29 Nov (2.14-2.25x without the kernel, side by side): at the goal, "
+        "not reliably under it. What is left: an 8-row step still costs ~1.35x a 1-row step "
+        "(the kernel's 8-row pass costs ~1.3x its 1-row pass: the sums' reductions and the "
+        "loads of x; attention over 8 rows' caches takes 3.5-5 ms a step against 1.1), and the "
+        "prefill of the 8 question tails (~0.24 s against 0.08 for one) is compute-bound. "
+        "Fusing the q/k/v and gate/up products into one pass, an attention kernel for one query "
+        "a row, int8 weights, more cores or a GPU would move it. bf16: single answers got "
+        "faster still (0.9 s against 1.1 s in float32), so the ratio is 2.1x"
     ),
     "decode": (
-        "float32: the lean decoding step (bot/engine/decoding.py: the same ops without "
-        "transformers' module and mask machinery) and the weight-on-the-left products at 1-2 "
-        "rows (20-34 GB/s on an AVX-512 CPU) put a batch-1 step at 63-95 % of the copy limit "
-        "across runs on this noisy machine (49 % on an AVX2-only CPU, whose products ran at "
-        "6-10 GB/s). bf16 (opt-in): the weight-on-the-left path is float32-only and the bf16 "
-        "step was not profiled this session; it reads half the bytes but ran at 22.5 tok/s "
-        "against 32.7 in float32 in the same run, so its products, not memory, limit it. "
-        "Fused bf16 kernels (a runtime like llama.cpp) would move it"
+        "float32: the skinny kernel and the lean decoding step (bot/engine/decoding.py) read the "
+        "weights at ~26 GB/s at batch 1, above what a torch copy reaches on this machine (10.9 "
+        "GB/s copied, 21.8 read and written), so the ratio to the copy limit passes 100 %; "
+        "counted STREAM's way (the copy's reads and writes) it is 72 %. bf16: the kernel reads "
+        "bf16 weights (widened to float32 as it reads them), so a step reads half the bytes"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "
@@ -54,12 +52,16 @@ LIMITS = {
     ),
     "adapter": "noise between alternating runs: merged weights make the same computation",
     "swaps": (
-        "rows of each version decode side by side (a per-row LoRA correction, +3-15 % a step) and "
-        "the new version is merged only once every row is on it, so a run of mixed batches "
-        "pays the corrected steps and no merge. What is left is the corrected steps: two "
-        "thin matmuls per linear layer for the rows of other versions; sharing the "
-        "low-rank product between the layers that read the same input (q/k/v, gate/up) "
-        "would cut their count"
+        "rows of each version decode side by side (a per-row LoRA correction) and the new "
+        "version is merged only once every row is on it, so a run of 10 swaps in 50 questions "
+        "decodes nearly every step mixed. On the Xeon of 29 Nov the correction cost +13 % an "
+        "8-row step (52.9 ms plain, 59.8 mixed, 53.2 with the forwards replaced but nothing "
+        "corrected): ~33 us a layer for three small ops whose factors come cold from memory "
+        "after the weights stream through; the swaps themselves were 4-5 % of the extra time. "
+        "The throughput ratio was 0.82-0.87 there with the skinny kernel or without (0.98 on "
+        "the AMD EPYC of the run before). Sharing the low-rank product between the layers that "
+        "read the same input (q/k/v, gate/up) or a fused correction kernel would move it (a "
+        "first C version of the correction was slower than torch's three ops and was dropped)"
     ),
     "memory": (
         "torch's runtime (libtorch, MKL, the tokenizer, Python: ~0.5 GB) does not shrink with the "
