@@ -374,9 +374,27 @@ def test_the_engine_hands_back_the_base_weights_when_it_stops(loaded, adapters):
     assert after < 1e-5
 
 
-def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(loaded, adapters):
-    """One batch, three versions: v0002 merged, rows on v0001 and on the base corrected."""
+@pytest.mark.parametrize("through", ["torch", "skinny"])
+def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
+    loaded, adapters, through, request
+):
+    """One batch, three versions: v0002 merged, rows on v0001 and on the base corrected; with
+    torch's products, or in one pass of the skinny kernel (the factors an extension of its dot
+    products)."""
+    from bot.engine import kernels, skinny
+
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    passes, corrected_by_kernel = [], skinny.linear_corrected
+    if through == "skinny":
+        kernels.install(model, library=request.getfixturevalue("library"))
+
+        def counted(*args):
+            passes.append(args[2].shape)
+            return corrected_by_kernel(*args)
+
+        skinny.linear_corrected = counted
+        request.addfinalizer(lambda: setattr(skinny, "linear_corrected", corrected_by_kernel))
+        request.addfinalizer(lambda: kernels.uninstall(model))
     read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
     prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:3]]
     versions = ["v0001", None, "v0002"]
@@ -404,6 +422,8 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(loade
                 together.append(batch.step(together[-1].argmax(-1)))
         assert weights.mixing
         assert any("forward" in vars(module) for module in model.modules())
+        corrected = sum("forward" in vars(module) for module in model.modules())
+        assert len(passes) == (6 * corrected if through == "skinny" else 0)
         weights.unmix()  # the layers get their own forwards back
         assert not weights.mixing
         assert not any("forward" in vars(module) for module in model.modules())

@@ -120,18 +120,41 @@ class RowLinear(torch.nn.Linear):
     library = None
     widen = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    def _takes(self, rows: int) -> bool:
         if self.row_plan is None:
-            use = rows <= MOST_ROWS
-        else:
-            uses = self.row_plan.get(torch.get_num_threads(), ())
-            use = rows < len(uses) and uses[rows]
-        if use:
+            return rows <= MOST_ROWS
+        uses = self.row_plan.get(torch.get_num_threads(), ())
+        return rows < len(uses) and uses[rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._takes(x.numel() // x.shape[-1] if x.shape[-1] else 0):
             return linear(x, self.weight, self.bias, library=self.library)
         if self.widen and x.dtype == self.weight.dtype == torch.bfloat16:
             return widened(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def extended(
+        self, x: torch.Tensor, a_rows: torch.Tensor, b_cols: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """`x W^T + b + ((x A^T) * mask) B^T` (the engine's per-row LoRA correction of a
+        decoding step: x rows x in, a_rows rank x in, mask rows x rank, b_cols out x rank) in
+        one pass of the skinny kernel, the factors streamed beside the weight; None where the
+        kernel does not take these rows (then the caller corrects with torch's products)."""
+        library = self.library
+        if (
+            library is None
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or a_rows.dtype != torch.float32
+            or b_cols.shape[1] % skinny.EXTENSION_STEP
+            or x.device.type != "cpu"
+            or not self._takes(x.shape[0])
+        ):
+            return None
+        out = skinny.linear_corrected(library, x, self.weight, a_rows, mask, b_cols)
+        if self.bias is not None:
+            out += self.bias
+        return out
 
 
 def applies(model, library=None) -> bool:

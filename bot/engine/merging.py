@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from bot.engine import skinny
 from bot.engine.types import EngineError
 
 PEFT_PREFIX = "base_model.model."
@@ -260,6 +261,7 @@ class _VersionMix:
                     raise EngineError(f"rows decode on adapter {version}, which is not in memory")
                 components.append((index, adapters[version], 1.0))
         self.others = others
+        self._padding = len(others) + 1  # the component of padding columns: no row uses it
         self._masks: dict[tuple[int, ...], torch.Tensor] | None = None
         self._layouts: set[tuple[int, ...]] = set()  # each layer's component per rank column
         self._layers = []  # the layers whose forward is replaced while rows are mixed
@@ -277,30 +279,42 @@ class _VersionMix:
                 a_parts.append(part.a.to(weight.device, weight.dtype))
                 b_parts.append(part.b.to(weight.device, weight.dtype) * (sign * part.scale))
                 columns.extend([index] * part.a.shape[0])
+            # zero rank columns up to a multiple of the kernel's step: they add nothing, and
+            # the skinny kernel takes the factors as an extension of its dot products
+            padding = -len(columns) % skinny.EXTENSION_STEP
+            columns.extend([self._padding] * padding)
+            a_parts.append(weight.new_zeros(padding, weight.shape[1]))
+            b_parts.append(weight.new_zeros(weight.shape[0], padding))
             layout = tuple(columns)
             self._layouts.add(layout)
-            a = torch.cat(a_parts).T.contiguous()  # (in, rank)
-            b = torch.cat(b_parts, dim=1).T.contiguous()  # (rank, out)
-            layer.forward = self._forward(layer, a, b, layout)
+            a_rows = torch.cat(a_parts).contiguous()  # (rank, in)
+            b_cols = torch.cat(b_parts, dim=1).contiguous()  # (out, rank)
+            layer.forward = self._forward(layer, a_rows, b_cols, layout)
             self._layers.append(layer)
 
-    def _forward(self, layer, a: torch.Tensor, b: torch.Tensor, layout: tuple[int, ...]):
+    def _forward(self, layer, a_rows: torch.Tensor, b_cols: torch.Tensor, layout: tuple[int, ...]):
         """The layer's forward with the correction: an instance attribute, not a forward hook
         (any hook sends every call through nn.Module's slow path: ~2x the cost, measured)."""
         # the base product of the layer's class: plain nn.Linear, or the engine's RowLinear
         # (bot.engine.kernels) when the worker installed it
         base_forward = type(layer).forward
+        a, b = a_rows.T, b_cols.T  # (in, rank), (rank, out): views for torch's products
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            output = base_forward(layer, x)
             if self._masks is None:
-                return output
+                return base_forward(layer, x)
             mask = self._masks[layout]
             if x.shape[1] != 1:  # not a decoding step: the general form
-                return output + torch.matmul(torch.matmul(x, a) * mask, b)
-            # a decoding step, one token a row: 2-D and in place, the fewest ops
-            low = torch.mm(x.reshape(x.shape[0], -1), a).mul_(mask.view(mask.shape[0], -1))
-            output.view(output.shape[0], -1).addmm_(low, b)
+                return base_forward(layer, x) + torch.matmul(torch.matmul(x, a) * mask, b)
+            # a decoding step, one token a row: in one pass of the skinny kernel where the
+            # worker installed it for this many rows, else 2-D and in place, the fewest ops
+            flat, mask = x.reshape(x.shape[0], -1), mask.view(mask.shape[0], -1)
+            extended = getattr(layer, "extended", None)
+            output = extended(flat, a_rows, b_cols, mask) if extended is not None else None
+            if output is not None:
+                return output.view(*x.shape[:-1], output.shape[-1])
+            output = base_forward(layer, x)
+            output.view(output.shape[0], -1).addmm_(torch.mm(flat, a).mul_(mask), b)
             return output
 
         return forward
@@ -311,7 +325,7 @@ class _VersionMix:
             self._masks = None
             return
         # rows[i, k]: whether row i uses component k (0: the merged one taken out)
-        rows = torch.zeros((len(versions), len(self.others) + 1), dtype=torch.bool)
+        rows = torch.zeros((len(versions), len(self.others) + 2), dtype=torch.bool)
         for row, version in enumerate(versions):
             if version in self.others:
                 rows[row, 0] = True

@@ -53,8 +53,13 @@ static inline float scalar(uint16_t v) {
   return f;
 }
 
+// An extension of each dot product (E columns, a multiple of VW; 0: none): row m of x goes on
+// with low[m, :] and weight row n with bt[n, :]. The engine's per-row LoRA correction rides on
+// it: low = (x A^T) * mask, bt = the stacked B factors, so y = x W^T + low B^T in one pass,
+// the factors streamed with the weights instead of read cold by separate small products.
 template <int R, int G, typename T>
-static inline void group(const float *x, const T *w, float *y, long K, long N) {
+static inline void group(const float *x, const T *w, float *y, long K, long N, const float *low,
+                         const float *bt, long E) {
   const long kv = K - K % VW;
   vec acc[G][R];
 #pragma GCC unroll 16
@@ -76,6 +81,17 @@ static inline void group(const float *x, const T *w, float *y, long K, long N) {
       for (int j = 0; j < G; j++) acc[j][m] = vfma(wv[j], xv, acc[j][m]);
     }
   }
+  for (long e = 0; e < E; e += VW) {
+    vec bv[G];
+#pragma GCC unroll 16
+    for (int j = 0; j < G; j++) bv[j] = vload(bt + j * E + e);
+#pragma GCC unroll 16
+    for (int m = 0; m < R; m++) {
+      const vec lv = vload(low + m * E + e);
+#pragma GCC unroll 16
+      for (int j = 0; j < G; j++) acc[j][m] = vfma(bv[j], lv, acc[j][m]);
+    }
+  }
 #pragma GCC unroll 16
   for (int j = 0; j < G; j++)
 #pragma GCC unroll 16
@@ -87,42 +103,75 @@ static inline void group(const float *x, const T *w, float *y, long K, long N) {
 }
 
 template <int G, typename T>
-static void rows_of_group(const float *x, const T *w, float *y, long M, long K, long N) {
+static void rows_of_group(const float *x, const T *w, float *y, long M, long K, long N,
+                          const float *low, const float *bt, long E) {
   long m = 0;
-  for (; m + MR <= M; m += MR) group<MR, G, T>(x + m * K, w, y + m * N, K, N);
+  for (; m + MR <= M; m += MR)
+    group<MR, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E);
   switch (M - m) {
-    case 1: group<1, G, T>(x + m * K, w, y + m * N, K, N); break;
-    case 2: group<2, G, T>(x + m * K, w, y + m * N, K, N); break;
-    case 3: group<3, G, T>(x + m * K, w, y + m * N, K, N); break;
+    case 1: group<1, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E); break;
+    case 2: group<2, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E); break;
+    case 3: group<3, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E); break;
   }
 }
 
 extern "C" int skinny_vector_width(void) { return VW; }
 
+// The chunks of one product, shared among the threads of the enclosing parallel region (run
+// alone, outside one, it is the whole product on this thread).
 template <typename T>
-static void product(const float *x, const T *w, float *y, long M, long K, long N, int threads) {
-  if (threads < 1) threads = 1;
+static void product_tasks(const float *x, const T *w, float *y, long M, long K, long N,
+                          int threads, const float *low, const float *bt, long E) {
   // chunks of whole groups, about four a thread (k and v projections have few rows)
   long chunk = (N + threads * 4 - 1) / (threads * 4);
   chunk = (chunk + NW - 1) / NW * NW;
   if (chunk < 2 * NW) chunk = 2 * NW;
   if (chunk > 256) chunk = 256;
   const long tasks = (N + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tasks > 1)
+#pragma omp for schedule(static)
   for (long t = 0; t < tasks; t++) {
     const long n1 = (t + 1) * chunk < N ? (t + 1) * chunk : N;
     long n = t * chunk;
-    for (; n + NW <= n1; n += NW) rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N);
-    for (; n < n1; n++) rows_of_group<1, T>(x, w + n * K, y + n, M, K, N);
+    for (; n + NW <= n1; n += NW)
+      rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E);
+    for (; n < n1; n++) rows_of_group<1, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E);
   }
+}
+
+template <typename T>
+static void product(const float *x, const T *w, float *y, long M, long K, long N, int threads,
+                    const float *low, const float *bt, long E) {
+  if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  product_tasks<T>(x, w, y, M, K, N, threads, low, bt, E);
 }
 
 extern "C" void skinny_linear(const float *x, const float *w, float *y, long M, long K, long N,
                               int threads) {
-  product<float>(x, w, y, M, K, N, threads);
+  product<float>(x, w, y, M, K, N, threads, nullptr, nullptr, 0);
 }
 
 extern "C" void skinny_linear_bf16(const float *x, const uint16_t *w, float *y, long M, long K,
                                    long N, int threads) {
-  product<uint16_t>(x, w, y, M, K, N, threads);
+  product<uint16_t>(x, w, y, M, K, N, threads, nullptr, nullptr, 0);
+}
+
+// y = x W^T + ((x a^T) * mask) bt^T, the engine's per-row LoRA correction of a decoding step
+// in one call: a (E x K) the stacked A factors, mask (M x E) which of their columns apply to
+// which row, bt (N x E) the stacked, scaled B factors; E a multiple of skinny_vector_width().
+// The low-rank product is a small product of its own (E outputs), then each of the weight's
+// dot products goes on over its E columns, the factors streamed with the weight.
+extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y, long M, long K,
+                                        long N, int threads, const float *a, const float *mask,
+                                        const float *bt, long E) {
+  if (threads < 1) threads = 1;
+  float *low = new float[M * E];
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    product_tasks<float>(x, a, low, M, K, E, threads, nullptr, nullptr, 0);  // then a barrier
+#pragma omp for schedule(static)
+    for (long i = 0; i < M * E; i++) low[i] *= mask[i];
+    product_tasks<float>(x, w, y, M, K, N, threads, low, bt, E);
+  }
+  delete[] low;
 }
