@@ -32,7 +32,9 @@ Results differ from `F.linear` in float rounding only (the sums run in another o
 absolute on the model's layers). The layers keep their weights and their state dict: only the
 class of each `nn.Linear` changes (to `RowLinear`, a subclass), which `install` does and
 `uninstall` undoes; a per-instance forward (the engine's per-row LoRA correction) still wins
-over the class's, and calls the class's forward for its base product.
+over the class's, and calls the class's `extended` for the product and its correction in one
+pass of the kernel, or the class's forward for its base product where the kernel does not take
+the rows.
 """
 
 from __future__ import annotations

@@ -18,7 +18,12 @@ replaced by one that adds `((x A^T) * M) B^T` over the stacked factors `A = [A_c
 `B = [-s_c B_c, s_g B_g, ...]` and a (rows, rank) mask `M` that picks each row's factors. The
 replaced forwards exist only until no row of another version is left (`unmix`); the rest of the
 time a merged adapter costs nothing. Greedy answers equal those of the version alone (tested):
-the correction is exact up to float rounding.
+the correction is exact up to float rounding. Where the engine installed the skinny kernel
+(bot/engine/skinny.py) for a step's row count, the correction rides on the base product in one
+call (`RowLinear.extended`): the factors, padded to a multiple of 16 rank columns, extend each
+weight row's dot product and stream with the weight. As three torch ops with factors read cold
+after the weights streamed through, it cost +13 % an 8-row step; in the kernel +8 % (Xeon,
+29 Nov 2026).
 
 A float32 swap is one pass over each targeted weight, `W += D_new - D_old`; the round trips
 leave an error of a few ulp (measured < 1e-6 absolute), far below what changes a greedy token.
