@@ -50,6 +50,12 @@ MEASURED_BYTES = 160 * 2**20  # measure over about this much of the weights (wel
 _MEASURED: dict[tuple, tuple] = {}  # measure's results in this process, by weights and counts
 
 
+def _dtypes(library) -> tuple[torch.dtype, ...]:
+    """The weights' dtypes the few-row products take: the kernel's, or the weight on the
+    left's (float32 only)."""
+    return skinny.DTYPES if library is not None else (torch.float32,)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -62,11 +68,10 @@ def linear(
     kernel (`library`, from `skinny.load()`: float32 or bfloat16) or, without one, the weight
     on the left (float32 only)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    dtypes = skinny.DTYPES if library is not None else (torch.float32,)
     if (
         not 0 < rows <= min(most_rows, MOST_ROWS)
         or x.device.type != "cpu"
-        or weight.dtype not in dtypes
+        or weight.dtype not in _dtypes(library)
         or x.dtype != weight.dtype
     ):
         return F.linear(x, weight, bias)
@@ -163,18 +168,37 @@ def applies(model, library=None) -> bool:
     """Whether the path can apply at all: a CPU model in float32, or in bfloat16 with the
     skinny kernel `library`."""
     parameter = next(iter(model.parameters()), None)
-    dtypes = skinny.DTYPES if library is not None else (torch.float32,)
-    return parameter is not None and parameter.device.type == "cpu" and parameter.dtype in dtypes
+    return (
+        parameter is not None
+        and parameter.device.type == "cpu"
+        and parameter.dtype in _dtypes(library)
+    )
 
 
 def measured_weights(model) -> list[torch.Tensor]:
-    """The weights `measure` times: every k-th linear weight (the k that leaves about
-    `MEASURED_BYTES`; k coprime with a layer's count of weights mixes their shapes), never so
-    few that they would sit in a CPU cache."""
+    """The weights `measure` times: every k-th linear weight, the k that leaves about
+    `MEASURED_BYTES` (never so few that they would sit in a CPU cache; for SmolLM2-135M k is
+    3, which takes every shape of its 7 weights a layer)."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     total = sum(w.numel() * w.element_size() for w in weights)
     step = max(1, total // MEASURED_BYTES)
     return weights[::step]
+
+
+def _time_ratio(first, second, weights, inputs, *, repeats: int) -> float:
+    """Time of `first` ÷ time of `second`, each a product `(x, weight)` passed over all
+    `weights` (x: `inputs[weight.shape[1]]`), alternating, best of `repeats` after a warm-up."""
+    import time
+
+    best = [float("inf"), float("inf")]
+    for round_ in range(repeats + 1):  # the first round warms up
+        for index, product in enumerate((first, second)):
+            started = time.perf_counter()
+            for weight in weights:
+                product(inputs[weight.shape[1]], weight)
+            if round_:
+                best[index] = min(best[index], time.perf_counter() - started)
+    return best[0] / best[1]
 
 
 def measure(
@@ -200,8 +224,6 @@ def measure(
     and torch's current count, the two the engine's thread tuner chooses between.
     Returns ({threads: counts won}, {threads: {rows: time with `linear` ÷ with F.linear}}).
     """
-    import time
-
     weights = measured_weights(model)
     if not weights or not applies(model, library):
         return {}, {}
@@ -218,20 +240,12 @@ def measure(
     if key in _MEASURED:  # another engine on the same shapes in this process
         return _MEASURED[key]
 
+    def ours(x, weight):
+        return linear(x, weight, library=library)
+
     def ratio_at(rows: int) -> float:
         inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-        best = {True: float("inf"), False: float("inf")}
-        for round_ in range(repeats + 1):  # the first round warms up
-            for ours in (True, False):
-                started = time.perf_counter()
-                for weight in weights:
-                    if ours:
-                        linear(inputs[weight.shape[1]], weight, library=library)
-                    else:
-                        F.linear(inputs[weight.shape[1]], weight)
-                if round_:
-                    best[ours] = min(best[ours], time.perf_counter() - started)
-        return best[True] / best[False]
+        return _time_ratio(ours, F.linear, weights, inputs, repeats=repeats)
 
     wins: dict[int, list[int]] = {}
     ratios: dict[int, dict[int, float]] = {}
@@ -257,8 +271,6 @@ def measure_widening(model, *, rows: int = 128, repeats: int = 2) -> float | Non
     """For a bfloat16 CPU model: time of `widened` ÷ `F.linear` over `measured_weights` at
     `rows` rows (a prefill's size), best of `repeats` after a warm-up; None for any other model
     (nothing to widen)."""
-    import time
-
     weights = measured_weights(model)
     if not weights or weights[0].dtype != torch.bfloat16 or weights[0].device.type != "cpu":
         return None
@@ -266,17 +278,8 @@ def measure_widening(model, *, rows: int = 128, repeats: int = 2) -> float | Non
     if key in _MEASURED:
         return _MEASURED[key]
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-    best = {True: float("inf"), False: float("inf")}
     with torch.inference_mode():
-        for round_ in range(repeats + 1):  # the first round warms up
-            for widen in (True, False):
-                product = widened if widen else F.linear
-                started = time.perf_counter()
-                for weight in weights:
-                    product(inputs[weight.shape[1]], weight)
-                if round_:
-                    best[widen] = min(best[widen], time.perf_counter() - started)
-    _MEASURED[key] = best[True] / best[False]
+        _MEASURED[key] = _time_ratio(widened, F.linear, weights, inputs, repeats=repeats)
     return _MEASURED[key]
 
 

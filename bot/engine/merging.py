@@ -303,6 +303,8 @@ class _VersionMix:
         # the base product of the layer's class: plain nn.Linear, or the engine's RowLinear
         # (bot.engine.kernels) when the worker installed it
         base_forward = type(layer).forward
+        # RowLinear's product and correction in one pass of the skinny kernel (None elsewhere)
+        extended = getattr(type(layer), "extended", None)
         a, b = a_rows.T, b_cols.T  # (in, rank), (rank, out): views for torch's products
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -314,8 +316,7 @@ class _VersionMix:
             # a decoding step, one token a row: in one pass of the skinny kernel where the
             # worker installed it for this many rows, else 2-D and in place, the fewest ops
             flat, mask = x.reshape(x.shape[0], -1), mask.view(mask.shape[0], -1)
-            extended = getattr(layer, "extended", None)
-            output = extended(flat, a_rows, b_cols, mask) if extended is not None else None
+            output = extended(layer, flat, a_rows, b_cols, mask) if extended else None
             if output is not None:
                 return output.view(*x.shape[:-1], output.shape[-1])
             output = base_forward(layer, x)

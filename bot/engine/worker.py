@@ -131,9 +131,9 @@ class AnswerEngine:
         the skinny kernel built on this machine, or without one with the weight as the left
         operand (`bot.engine.kernels`; 1.3-2x faster steps on this project's CPUs); True: at
         every row count up to `kernels.MOST_ROWS`; None: where it applies (a CPU model in
-        float32), at the row counts where the worker measured it faster on this machine's cores
-        at its start (1-3 s, and ~2 s to build the kernel once a machine), for one thread and
-        for all.
+        float32, or in bf16 with the kernel), at the row counts where the worker measured it
+        faster on this machine's cores at its start (1-3 s, and ~2 s to build the kernel once
+        a machine), for one thread and for all.
         """
         from bot.engine.loading import base_weight_reader
         from bot.engine.merging import MergedWeights
@@ -354,6 +354,7 @@ class AnswerEngine:
         row_kernels, wins, library, widen = self.row_kernels, None, None, False
         if row_kernels is not False and kernels.applies(self._base, library=True):
             library = skinny.load()  # built on this machine at first use; None: can't be
+        product = "skinny" if library else "weight on the left"
         if row_kernels is None:  # where it applies, measured on this machine's cores
             wins, ratios = kernels.measure(self._base, library=library)
             widening = kernels.measure_widening(self._base)  # bf16 on a CPU only
@@ -363,14 +364,12 @@ class AnswerEngine:
                 log.info(
                     "%s products at %s rows (threads: rows; time ratios to F.linear %s); "
                     "bf16 prefills widened to float32: %s (time ratio %s)",
-                    "skinny" if library else "weight-on-the-left", wins, ratios, widen, widening,
+                    product, wins, ratios, widen, widening,
                 )  # fmt: skip
         elif row_kernels:  # told to: a bf16 CPU model's prefills are widened too
             widen = kernels.applies(self._base, library=True) and not kernels.applies(self._base)
         self._counts["row_kernels"] = bool(row_kernels)
-        self._counts["row_kernel"] = (
-            ("skinny" if library else "weight on the left") if row_kernels else None
-        )
+        self._counts["row_kernel"] = product if row_kernels else None
         self._counts["row_kernel_rows"] = wins if row_kernels else None
         self._counts["row_kernel_widen"] = widen
         if row_kernels:  # undone when the worker exits
