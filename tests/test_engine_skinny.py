@@ -45,6 +45,11 @@ SHAPES = [
     (7, 5, 3),  # narrower than one vector, fewer outputs than a group
     (16, 64, 9),
     (9, 33, 1),
+    (2, 96, 40),  # every remainder after the full passes (AVX2 passes hold 8 rows, AVX-512 4)
+    (4, 96, 40),
+    (6, 96, 40),
+    (12, 96, 40),
+    (23, 96, 40),
 ]
 
 
