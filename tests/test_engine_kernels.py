@@ -198,7 +198,7 @@ def test_only_plain_dynamic_layers_grow_in_place():
     assert [type(layer) for layer in cache.layers] == [GrowingLayer, Special]
 
 
-def test_bf16_products_past_the_row_plan_are_widened_to_float32(library):
+def test_bf16_products_past_the_row_plan_are_widened_to_float32(library, monkeypatch):
     generator = torch.Generator().manual_seed(3)
     layer = torch.nn.Linear(70, 300).to(torch.bfloat16)
     x = torch.randn(100, 1, 70, generator=generator).to(torch.bfloat16)  # a prefill's rows
@@ -218,6 +218,16 @@ def test_bf16_products_past_the_row_plan_are_widened_to_float32(library):
                     layer(few), kernels.linear(few, layer.weight, layer.bias, library=library)
                 )
                 kernels.uninstall(layer)
+            # a row count the plan gave to F.linear stays there: widening converts the whole
+            # weight, which a step's few rows do not repay
+            kernels.install(layer, {threads: [2, 4, 8]}, library=library, widen=True)
+            calls = []
+            monkeypatch.setattr(kernels, "widened", lambda *args: calls.append(args))
+            one = x[:1]
+            assert torch.equal(layer(one), F.linear(one, layer.weight, layer.bias))
+            assert calls == []
+            layer(x)
+            assert len(calls) == 1  # the prefill's rows are
     finally:
         kernels.uninstall(layer)
     assert "widen" not in vars(layer)

@@ -46,6 +46,7 @@ from bot.engine import skinny
 
 MOST_ROWS = 96  # never above: a prefill's many rows keep F.linear
 COUNTS = (1, 2, 4, 8, 16, 32)  # the row counts `measure` times (64: 0.92-1.03x, not worth it)
+WIDEN_ABOVE = COUNTS[-1]  # bf16 products of more rows than this may be widened (a prefill's)
 MEASURED_BYTES = 160 * 2**20  # measure over about this much of the weights (well past any cache)
 _MEASURED: dict[tuple, tuple] = {}  # measure's results in this process, by weights and counts
 
@@ -134,9 +135,13 @@ class RowLinear(torch.nn.Linear):
         return rows < len(uses) and uses[rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._takes(x.numel() // x.shape[-1] if x.shape[-1] else 0):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self._takes(rows):
             return linear(x, self.weight, self.bias, library=self.library)
-        if self.widen and x.dtype == self.weight.dtype == torch.bfloat16:
+        # widening converts the whole weight, worth it for a prefill's many rows only: a row
+        # count the plan measured and gave to F.linear keeps it (at one row widening cost 5x
+        # bf16 F.linear, AVX2 EPYC, 29 Nov 2026)
+        if self.widen and rows > WIDEN_ABOVE and x.dtype == self.weight.dtype == torch.bfloat16:
             return widened(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
