@@ -6,7 +6,8 @@ row count. `F.linear` does not behave so: it hands the BLAS a product whose smal
 first, and MKL repacks the weight or runs below memory speed. Two other products:
 
 - the skinny product (`bot/engine/skinny.py`, a small C++ kernel built on this machine) reads
-  each weight row once for every 4 rows and prefetches ahead: at 8 rows it costs ~1.3x one row.
+  each weight row once for every 4 rows (AVX-512) or 8 (AVX2) and prefetches ahead: at 8 rows
+  it costs ~1.3x one row (Xeon) or ~1.1x (AVX2 EPYC).
 - the weight on the left, `(W x^T)^T`, which streams the weight as the BLAS's left operand
   without repacking it; the fallback where the kernel cannot be built.
 
@@ -16,6 +17,7 @@ skinny; 29 Nov 2026, 2 cores):
 
     rows                       1            2            4            8
     AVX2 EPYC, two threads     72/63/-      129/61/-     143/66/-     139/96/-
+    another AVX2 EPYC, two     58/-/27      89/-/28      101/-/28     97/-/29
     AVX-512 EPYC, two threads  46/26/-      77/29/-      71/40/-      76/69/-
     AVX-512 Xeon, two threads  19/56/19     21/50/19     34/62/21     45/51/26
     AVX-512 Xeon, one thread   38/93/35     42/92/38     71/93/39     99/96/51

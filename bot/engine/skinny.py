@@ -3,14 +3,16 @@
 `x W^T` for the handful of rows of a decoding step is memory-bound: every row needs the same
 weights, so a step of 8 rows could cost what a step of one costs. Torch's CPU BLAS does not get
 there: at 8 rows MKL's products ran at ~12 GB/s on an AVX-512 CPU where one row ran at 20-34,
-so 8 questions at once cost about twice one. `skinny.cpp` keeps 4 rows' sums per weight row in
-registers, reads each weight row once per 4 rows of x (the next 4 find it in L1) and prefetches
-the next rows while summing. Measured over SmolLM2-135M's 211 weights (fp32, ms for all of
-them, 29 Nov 2026, Xeon AVX-512, 2 cores, F.linear / this):
+so 8 questions at once cost about twice one. `skinny.cpp` keeps the sums of a block of x's rows
+for a group of weight rows in registers, reads the group once per block (AVX-512: 4 weight rows
+x 4 rows of x; AVX2: 2 x 8, whose 4-row blocks read a group twice and cost 1.4-1.6x one row at 8)
+and prefetches the next group while summing. Measured over SmolLM2-135M's 211 weights (fp32, ms
+for all of them, 29 Nov 2026, 2 cores, F.linear / this):
 
-    rows          1          2          4          8
-    two threads   19.1/19.0  20.8/19.4  34.3/21.3  44.6/25.8
-    one thread    38.1/35.4  41.6/37.8  70.8/39.2  99.4/51.2
+    rows                      1          2          4          8
+    Xeon AVX-512, 2 threads   19.1/19.0  20.8/19.4  34.3/21.3  44.6/25.8
+    Xeon AVX-512, 1 thread    38.1/35.4  41.6/37.8  70.8/39.2  99.4/51.2
+    EPYC AVX2, 2 threads      58.0/26.7  88.9/28.2  101/28.1   97.0/29.2  (lm_head apart)
 
 It also reads bfloat16 weights, widened to float32 as they are read and summed in float32 (as
 torch's bf16 products sum): a step then reads half the bytes, where torch's own bf16 products on
