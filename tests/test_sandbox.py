@@ -176,8 +176,18 @@ def test_cli_serves_on_loopback_only_and_stops_on_sigterm(tiny_model_dir, tmp_pa
         assert not list(tmp_path.glob("*.db")), "the sandbox must not write the default database"
     finally:
         process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, (tmp_path / "stderr.log").read_text()[-2000:]
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # what it waits on: every thread's stack (SIGUSR1)
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            process.kill()
+            process.communicate()
+            pytest.fail(
+                "the sandbox did not stop within 60 s of SIGTERM:\n"
+                + (tmp_path / "stderr.log").read_text()[-6000:]
+            )
+    assert process.returncode == 0, (out, (tmp_path / "stderr.log").read_text()[-2000:])
     assert "stopping" in out
 
 

@@ -7,6 +7,7 @@ to use it as a member, an expert or an admin (`bot.sandbox`); it needs no Slack 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 
@@ -31,7 +32,7 @@ def run(
         bot = build_bot(settings)
     except USER_ERRORS as exc:
         fail(str(exc))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _stop_on_sigterm()
     try:
         if settings.slack_app_token:
             typer.echo("Apprentice: connecting to Slack over Socket Mode (Ctrl-C stops).")
@@ -68,7 +69,7 @@ def sandbox(
         fail(exc.strerror)
     except USER_ERRORS as exc:
         fail(str(exc))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _stop_on_sigterm()
     try:
         typer.echo(f"Apprentice sandbox: open {box.url} (Ctrl-C stops)")
         if not box.page.loopback_only:
@@ -94,6 +95,13 @@ def sandbox(
         typer.echo("stopping…")
     finally:
         box.close()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops the command as Ctrl-C does; SIGUSR1 writes every thread's stack to stderr
+    (what a process that does not stop is waiting on)."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def register(app: typer.Typer) -> None:
