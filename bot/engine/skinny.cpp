@@ -46,7 +46,6 @@ static inline vec vload(const uint16_t *p) {
 #error "the skinny product needs AVX2 with FMA, or AVX-512"
 #endif
 
-
 static inline float scalar(float v) { return v; }
 static inline float scalar(uint16_t v) {
   const uint32_t bits = (uint32_t)v << 16;

@@ -127,16 +127,17 @@ def load(*, folder: Path | None = None, flags: tuple[str, ...] = FLAGS):
                 )
                 library = None
             else:
-                for function in (library.skinny_linear, library.skinny_linear_bf16):
-                    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                # x, w, y, M, K, N, threads; the corrected product then a, mask, bt, E
+                product = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                corrected = product + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+                for function, argtypes in (
+                    (library.skinny_linear, product),
+                    (library.skinny_linear_bf16, product),
+                    (library.skinny_linear_corrected, corrected),
+                ):
+                    function.argtypes = argtypes
                     function.restype = None
                 library.skinny_vector_width.restype = ctypes.c_int
-                library.skinny_linear_corrected.argtypes = (
-                    ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int])
-                    + [ctypes.c_void_p] * 3
-                    + [ctypes.c_long]
-                )
-                library.skinny_linear_corrected.restype = None
         except (OSError, AttributeError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or exc
             log.info("the skinny product could not be built here (%s): torch's are used", detail)
