@@ -4,15 +4,20 @@
 weights, so a step of 8 rows could cost what a step of one costs. Torch's CPU BLAS does not get
 there: at 8 rows MKL's products ran at ~12 GB/s on an AVX-512 CPU where one row ran at 20-34,
 so 8 questions at once cost about twice one. `skinny.cpp` keeps the sums of a block of x's rows
-for a group of weight rows in registers, reads the group once per block (AVX-512: 4 weight rows
-x 4 rows of x; AVX2: 2 x 8, whose 4-row blocks read a group twice and cost 1.4-1.6x one row at 8)
-and prefetches the next group while summing. Measured over SmolLM2-135M's 211 weights (fp32, ms
-for all of them, 29 Nov 2026, 2 cores, F.linear / this):
+for a group of weight rows in registers and reads the group once per block (AVX-512: 3 weight
+rows x 8 rows of x; AVX2: 2 x 8; blocks of 4 rows read a group twice for 8 and cost 1.4-1.6x
+one row there) and prefetches the next group while summing. Measured over SmolLM2-135M's 211
+weights (fp32, ms for all of them, 2 cores, F.linear / this; the rows of one date side by side,
+the dates on different machines):
 
-    rows                      1          2          4          8
-    Xeon AVX-512, 2 threads   19.1/19.0  20.8/19.4  34.3/21.3  44.6/25.8
-    Xeon AVX-512, 1 thread    38.1/35.4  41.6/37.8  70.8/39.2  99.4/51.2
-    EPYC AVX2, 2 threads      58.0/26.7  88.9/28.2  101/28.1   97.0/29.2  (lm_head apart)
+    rows                             1          2          4          8
+    Xeon AVX-512, 2 threads, 29 Nov  19.1/19.0  20.8/19.4  34.3/21.3  44.6/25.8  (4 x 4)
+    Xeon AVX-512, 2 threads, 5 Dec   40.0/27.3  34.6/27.8  56.7/29.4  71.5/37.7  (3 x 8)
+    Xeon AVX-512, 1 thread, 5 Dec    58.2/49.3  61.7/54.3  103/55.7   142/64.2   (3 x 8)
+    EPYC AVX2, 2 threads, 29 Nov     58.0/26.7  88.9/28.2  101/28.1   97.0/29.2  (lm_head apart)
+
+On 5 Dec, 4 x 4 took 26.0 / 28.1 / 29.7 / 53.0 ms in the same run as the 3 x 8 row (1 thread:
+50.0 / 53.7 / 55.7 / 75.9): 8 rows cost 2.0x one row there, 1.4x with 3 x 8.
 
 It also reads bfloat16 weights, widened to float32 as they are read and summed in float32 (as
 torch's bf16 products sum): a step then reads half the bytes, where torch's own bf16 products on
