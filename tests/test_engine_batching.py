@@ -434,6 +434,43 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
     assert (alone[0] - alone[1]).abs().max() > 1e-2 and (alone[0] - alone[2]).abs().max() > 1e-2
 
 
+def test_a_mix_taken_out_is_put_back_for_the_same_versions_until_a_merge(loaded, adapters):
+    """Between two admissions of the same versions the batch can empty (every row finishing
+    at once): the correcting forwards taken out then are put back as they were, not rebuilt
+    (here without the adapters, which a rebuild needs); once another adapter is merged they
+    are dropped."""
+    model = loaded.model
+    read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
+    ids = torch.tensor([prompt_ids(loaded, q) for q in QUESTIONS[:1]] * 2)
+    versions = ["v0001", None]
+    weights = MergedWeights(model=model)
+    weights.apply(read["v0002"])
+    with torch.inference_mode():
+        with weights.mixed(versions, read):
+            first = model(input_ids=ids).logits
+        forwards = {name: vars(m)["forward"] for name, m in model.named_modules()
+                    if "forward" in vars(m)}  # fmt: skip
+        weights.unmix()
+        assert not weights.mixing and not any("forward" in vars(m) for m in model.modules())
+        with weights.mixed(versions, {}):  # no adapter at hand: a rebuild would fail
+            again = model(input_ids=ids).logits
+        assert {name: vars(m)["forward"] for name, m in model.named_modules()
+                if "forward" in vars(m)} == forwards  # fmt: skip
+        assert torch.equal(again, first)
+        # the rows really were corrected: v0001's row and the base's differ from v0002's
+        plain = model(input_ids=ids).logits  # outside a block: v0002, merged, for every row
+        assert (first - plain).abs().amax(dim=(1, 2)).min() > 1e-2
+        weights.unmix()
+        weights.apply(None)
+        weights.apply(read["v0002"])  # the same version merged again: kept mixes dropped
+        with pytest.raises(EngineError, match="not in memory"), weights.mixed(versions, {}):
+            pass
+        with weights.mixed(versions, read):
+            assert torch.allclose(model(input_ids=ids).logits, first, atol=1e-4, rtol=1e-4)
+        weights.unmix()
+        weights.apply(None)
+
+
 def test_questions_on_both_sides_of_a_swap_are_prefilled_together(loaded, adapters):
     """Three questions, a swap, three more, queued while the worker is busy: one prefill
     admits all six, each row on the version its place in the queue gives."""
