@@ -58,8 +58,8 @@ class Settings(BaseSettings):
         default="auto",
         description="weights the bot answers with: auto = bfloat16 on CUDA, float32 on a CPU. "
         "bfloat16 on a CPU halves the weights' memory and, through the skinny kernel, decodes "
-        "faster than float32 on SmolLM2 (20.9 against 15.6 tokens/s on an AVX2 EPYC, 37.2 "
-        "against 33.7 on a Xeon with AVX-512), "
+        "faster than float32 on SmolLM2 (20.9 against 15.6 tokens/s on an AVX2 EPYC; 24.3 "
+        "against 23.2 and 37.2 against 33.7 in two runs on Xeons with AVX-512), "
         "but its answers may differ slightly from the float32 ones the learning gate checks. "
         "Training always uses float32 on a CPU",
     )
