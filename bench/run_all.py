@@ -48,9 +48,9 @@ LIMITS = {
         "took 52-57 ms, of which the products 34-37 (bf16 F.linear at one row: the kernel's "
         "widening lost by 5-26 % there), attention 4 and norms, RoPE and Python ~16 ms; "
         "20.9 tokens/s against 15.6 in float32 (58 %). On the Xeon 68-86 % (24.3 tokens/s "
-        "against 23.2 in float32 on 6 Dec, 37.2 against 33.7 on 29 Nov). The Python around "
-        "each product (module call, checks, the ctypes call: 25-35 us a layer, 5-7 ms a step, "
-        "measured on the Xeon) is what a fused step would remove next"
+        "against 23.2 in float32 on 6 Dec, 37.2 against 33.7 on 29 Nov): attention, norms, "
+        "RoPE and the Python around each product (~13 us a layer, ~2.7 ms a step there) do "
+        "not shrink with the weights"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "

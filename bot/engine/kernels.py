@@ -6,8 +6,8 @@ row count. `F.linear` does not behave so: it hands the BLAS a product whose smal
 first, and MKL repacks the weight or runs below memory speed. Two other products:
 
 - the skinny product (`bot/engine/skinny.py`, a small C++ kernel built on this machine) reads
-  each weight row once for every 4 rows (AVX-512) or 8 (AVX2) and prefetches ahead: at 8 rows
-  it costs ~1.3x one row (Xeon) or ~1.1x (AVX2 EPYC).
+  each weight row once for every 8 rows and prefetches ahead: at 8 rows it costs ~1.4x one
+  row (AVX-512 Xeon) or ~1.1x (AVX2 EPYC).
 - the weight on the left, `(W x^T)^T`, which streams the weight as the BLAS's left operand
   without repacking it; the fallback where the kernel cannot be built.
 
