@@ -136,7 +136,8 @@ static void rows_of_group(const float *x, const T *w, float *y, long M, long K, 
 extern "C" int skinny_vector_width(void) { return VW; }
 
 // The chunks of one product, shared among the threads of the enclosing parallel region (run
-// alone, outside one, it is the whole product on this thread).
+// alone, outside one, it is the whole product on this thread). No barrier at its end: the
+// region's own end is one, and a caller that reads y inside the region puts one itself.
 template <typename T>
 static void product_tasks(const float *x, const T *w, float *y, long M, long K, long N,
                           int threads, const float *low, const float *bt, long E) {
@@ -146,7 +147,7 @@ static void product_tasks(const float *x, const T *w, float *y, long M, long K, 
   if (chunk < 2 * NW) chunk = 2 * NW;
   if (chunk > 256) chunk = 256 / NW * NW;
   const long tasks = (N + chunk - 1) / chunk;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
   for (long t = 0; t < tasks; t++) {
     const long n1 = (t + 1) * chunk < N ? (t + 1) * chunk : N;
     long n = t * chunk;
@@ -186,9 +187,10 @@ extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y
   float *low = new float[M * E];
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    product_tasks<float>(x, a, low, M, K, E, threads, nullptr, nullptr, 0);  // then a barrier
+    product_tasks<float>(x, a, low, M, K, E, threads, nullptr, nullptr, 0);
+#pragma omp barrier
 #pragma omp for schedule(static)
-    for (long i = 0; i < M * E; i++) low[i] *= mask[i];
+    for (long i = 0; i < M * E; i++) low[i] *= mask[i];  // then a barrier
     product_tasks<float>(x, w, y, M, K, N, threads, low, bt, E);
   }
   delete[] low;
