@@ -322,21 +322,18 @@ class _VersionMix:
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self._masks is None:
                 return base_forward(layer, x)
-            mask = self._masks[layout]
-            if x.shape[1] != 1:  # not a decoding step (a prefill): 2-D and in place
-                flat = x.reshape(-1, x.shape[-1])
-                low = torch.mm(flat, a).view(*x.shape[:-1], -1).mul_(mask)
-                output = base_forward(layer, x)
-                output.view(flat.shape[0], -1).addmm_(low.view(flat.shape[0], -1), b)
-                return output
-            # a decoding step, one token a row: in one pass of the skinny kernel where the
-            # worker installed it for this many rows, else 2-D and in place, the fewest ops
-            flat, mask = x.reshape(x.shape[0], -1), mask.view(mask.shape[0], -1)
-            output = extended(layer, flat, a_rows, b_cols, mask) if extended else None
-            if output is not None:
-                return output.view(*x.shape[:-1], output.shape[-1])
+            mask = self._masks[layout]  # (rows, 1, rank): over a row's tokens
+            if x.shape[1] == 1 and extended:  # a decoding step, one token a row: in one pass
+                # of the skinny kernel where the worker installed it for this many rows
+                rows = x.shape[0]
+                output = extended(layer, x.reshape(rows, -1), a_rows, b_cols, mask.view(rows, -1))
+                if output is not None:
+                    return output.view(*x.shape[:-1], output.shape[-1])
+            # the general form (a prefill; a step the kernel does not take): 2-D and in place
+            flat = x.reshape(-1, x.shape[-1])
+            low = torch.mm(flat, a).view(*x.shape[:-1], -1).mul_(mask)
             output = base_forward(layer, x)
-            output.view(output.shape[0], -1).addmm_(torch.mm(flat, a).mul_(mask), b)
+            output.view(flat.shape[0], -1).addmm_(low.view(flat.shape[0], -1), b)
             return output
 
         return forward
