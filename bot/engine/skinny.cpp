@@ -15,8 +15,9 @@
 #if defined(__AVX512F__)
 typedef __m512 vec;
 // 24 sums, 3 weights and one x of 32 registers: one pass over a group serves 8 rows. With 4 x 4
-// (two passes for 8 rows, the second from L1) a step of 8 rows cost 1.5x one; with 3 x 8,
-// 1.3x (Xeon AVX-512, two threads, 5 Dec 2026; 2 x 8, 2 x 12, 4 x 6, 4 x 8 in between).
+// (two passes for 8 rows, the second from L1) a step of 8 rows cost 1.5-2.0x one; with 3 x 8,
+// 1.2-1.4x (Xeon AVX-512, two threads, 5 Dec 2026, three runs; 2 x 8, 2 x 12, 4 x 6, 4 x 8 in
+// between; see skinny.py).
 enum { VW = 16, NW = 3, MR = 8 };
 // x's vector in a register of its own: left to itself GCC folds x's loads into the FMAs, one
 // load per weight row (18 loads for 16 FMAs at 2 x 8), and the sums waited on the loads.
