@@ -333,18 +333,23 @@ def test_a_bf16_engine_decodes_through_the_skinny_kernel(bf16, adapters, library
             return batch.step(first.argmax(-1)).float()
 
     plain = logits()
-    calls, original = [], skinny.linear
+    calls, original = [], skinny.product
 
-    def counted(library, x, weight):
-        calls.append(weight.dtype)
-        return original(library, x, weight)
+    def counted(library, weight):  # each layer's product, bound at install
+        multiply = original(library, weight)
 
-    kernels.install(model, library=library)
-    skinny.linear = counted
+        def counting(x):
+            calls.append(weight.dtype)
+            return multiply(x)
+
+        return counting
+
+    skinny.product = counted
     try:
+        kernels.install(model, library=library)
         through = logits()
     finally:
-        skinny.linear = original
+        skinny.product = original
         kernels.uninstall(model)
     assert calls and set(calls) == {torch.bfloat16}  # the products ran through it
     noise = plain.abs().max() * 2**-6  # a few bf16 steps of the largest logit
@@ -384,16 +389,21 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
     from bot.engine import kernels, skinny
 
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    passes, corrected_by_kernel = [], skinny.linear_corrected
+    passes, kernel_corrector = [], skinny.corrector
     if through == "skinny":
         kernels.install(model, library=request.getfixturevalue("library"))
 
-        def counted(*args):
-            passes.append(args[2].shape)
-            return corrected_by_kernel(*args)
+        def counted_corrector(*args):
+            correct = kernel_corrector(*args)
 
-        skinny.linear_corrected = counted
-        request.addfinalizer(lambda: setattr(skinny, "linear_corrected", corrected_by_kernel))
+            def counted(x, mask):
+                passes.append(x.shape)
+                return correct(x, mask)
+
+            return counted
+
+        skinny.corrector = counted_corrector
+        request.addfinalizer(lambda: setattr(skinny, "corrector", kernel_corrector))
         request.addfinalizer(lambda: kernels.uninstall(model))
     read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
     prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:3]]

@@ -67,12 +67,13 @@ def test_install_changes_classes_only_and_uninstall_undoes_it(tiny_model_dir, tm
         assert kernels.applies(model)
         assert kernels.install(model, library=library) == linears > 0
         assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        assert all(m.multiply is not None for m in model.modules() if type(m) is kernels.RowLinear)
         during = model(input_ids=ids).logits
         kernels.uninstall(model)
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == linears
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[name], state[name]) for name in state)
-    assert all("library" not in vars(m) for m in model.modules())
+    assert all("library" not in vars(m) and "multiply" not in vars(m) for m in model.modules())
     torch.testing.assert_close(during, before, atol=1e-4, rtol=1e-4)
 
 

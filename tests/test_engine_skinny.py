@@ -96,3 +96,55 @@ def test_without_a_compiler_or_the_instructions_it_refuses_cleanly(tmp_path, mon
     plain = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=x86-64",)
     assert skinny.load(folder=tmp_path / "b", flags=plain) is None  # #error: no AVX2
     assert not os.path.exists(tmp_path / "b") or not list((tmp_path / "b").iterdir())
+
+
+def test_a_bound_product_reads_the_weight_as_it_is_at_each_call(library):
+    """`product` binds what is fixed once (the engine binds one per layer) but reads the
+    weight's storage at every call: a merge changes it in place, and a weight given new storage
+    must not be read at its old address."""
+    weight = torch.randn(40, 96)
+    multiply = skinny.product(library, weight)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(multiply(x), F.linear(x, weight))
+    weight.add_(torch.randn(40, 96))  # in place, as a merge does
+    torch.testing.assert_close(multiply(x), F.linear(x, weight))
+    weight.data = torch.randn(40, 96)  # new storage
+    torch.testing.assert_close(multiply(x), F.linear(x, weight))
+    torch.testing.assert_close(multiply(x[::2]), F.linear(x[::2], weight))  # strided rows
+    for wrong in (torch.randn(5, 95), torch.randn(5, 96, dtype=torch.float64), torch.randn(96)):
+        with pytest.raises(ValueError):
+            multiply(wrong)
+    with pytest.raises(ValueError):  # a transposed weight is refused, not misread
+        skinny.product(library, torch.randn(96, 40).t())
+
+
+@pytest.mark.parametrize("rank", [16, 32])
+def test_the_corrected_product_adds_each_rows_own_low_rank_term(library, rank):
+    """`corrector`: x W^T + ((x A^T) * mask) B^T in one call, for every row count a step has
+    and masks that switch columns off per row; shapes that do not fit are refused."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(300, 70, generator=generator)
+    a_rows = torch.randn(rank, 70, generator=generator)
+    b_cols = torch.randn(300, rank, generator=generator) * 0.1
+    correct = skinny.corrector(library, weight, a_rows, b_cols)
+
+    def check(x, mask):
+        expected = F.linear(x, weight) + ((x @ a_rows.T) * mask) @ b_cols.T
+        torch.testing.assert_close(correct(x, mask), expected, atol=1e-4, rtol=1e-4)
+
+    for rows in (1, 3, 8, 11):
+        x = torch.randn(rows, 70, generator=generator)
+        mask = (torch.rand(rows, rank, generator=generator) > 0.5).float()
+        check(x, mask)
+    weight.mul_(0.5)  # read as it is now
+    check(x, mask)
+    with pytest.raises(ValueError):
+        correct(x, mask[:, :-1])
+    with pytest.raises(ValueError):
+        correct(x[:, :-1], mask)
+    with pytest.raises(ValueError):  # a rank that is no multiple of the kernel's step
+        skinny.corrector(library, weight, a_rows[:-1], b_cols[:, :-1])
+    with pytest.raises(ValueError):
+        skinny.corrector(library, weight, a_rows, b_cols[:-1])
+    with pytest.raises(ValueError):  # float32 only
+        skinny.corrector(library, weight.to(torch.bfloat16), a_rows, b_cols)

@@ -34,7 +34,7 @@ Results differ from `F.linear` in float rounding only (the sums run in another o
 absolute on the model's layers). The layers keep their weights and their state dict: only the
 class of each `nn.Linear` changes (to `RowLinear`, a subclass), which `install` does and
 `uninstall` undoes; a per-instance forward (the engine's per-row LoRA correction) still wins
-over the class's, and calls the class's `extended` for the product and its correction in one
+over the class's, and uses the layer's `corrector` for the product and its correction in one
 pass of the kernel, or the class's forward for its base product where the kernel does not take
 the rows.
 """
@@ -129,6 +129,7 @@ class RowLinear(torch.nn.Linear):
     row_plan: dict[int, tuple] | None = None
     library = None
     widen = False
+    multiply = None  # `skinny.product` of this layer's weight, where the kernel reads it
 
     def _takes(self, rows: int) -> bool:
         if self.row_plan is None:
@@ -137,9 +138,16 @@ class RowLinear(torch.nn.Linear):
         return rows < len(uses) and uses[rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        width = x.shape[-1]
+        rows = x.numel() // width if width else 0
         if self._takes(rows):
-            return linear(x, self.weight, self.bias, library=self.library)
+            multiply = self.multiply
+            if multiply is None or x.dtype != self.weight.dtype or not x.is_cpu:
+                return linear(x, self.weight, self.bias, library=self.library)
+            out = multiply(x.reshape(rows, width))  # the kernel's product, bound at `install`
+            if self.bias is not None:
+                out += self.bias
+            return out.view(*x.shape[:-1], out.shape[-1])
         # widening converts the whole weight, worth it for a prefill's many rows only: a row
         # count the plan measured and gave to F.linear keeps it (at one row widening cost 5x
         # bf16 F.linear, AVX2 EPYC, 29 Nov 2026)
@@ -147,28 +155,33 @@ class RowLinear(torch.nn.Linear):
             return widened(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def extended(
-        self, x: torch.Tensor, a_rows: torch.Tensor, b_cols: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        """`x W^T + b + ((x A^T) * mask) B^T` (the engine's per-row LoRA correction of a
-        decoding step: x rows x in, a_rows rank x in, mask rows x rank, b_cols out x rank) in
-        one pass of the skinny kernel, the factors streamed beside the weight; None where the
-        kernel does not take these rows (then the caller corrects with torch's products)."""
-        library = self.library
+    def corrector(self, a_rows: torch.Tensor, b_cols: torch.Tensor):
+        """`(x, mask) -> x W^T + b + ((x A^T) * mask) B^T` (the engine's per-row LoRA
+        correction of a decoding step: x rows x in, a_rows rank x in, mask rows x rank, b_cols
+        out x rank) in one pass of the skinny kernel, the factors streamed beside the weight
+        (`skinny.corrector`, which binds them once). None where the kernel cannot take them;
+        the function returns None for rows it does not take (then the caller corrects with
+        torch's products)."""
         if (
-            library is None
-            or x.dtype != torch.float32
+            self.library is None
             or self.weight.dtype != torch.float32
             or a_rows.dtype != torch.float32
             or b_cols.shape[1] % skinny.EXTENSION_STEP
-            or x.device.type != "cpu"
-            or not self._takes(x.shape[0])
+            or self.weight.device.type != "cpu"
         ):
             return None
-        out = skinny.linear_corrected(library, x, self.weight, a_rows, mask, b_cols)
-        if self.bias is not None:
-            out += self.bias
-        return out
+        correct = skinny.corrector(self.library, self.weight, a_rows, b_cols)
+        takes, bias = self._takes, self.bias
+
+        def corrected(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+            if x.dtype != torch.float32 or not takes(x.shape[0]):
+                return None
+            out = correct(x, mask)
+            if bias is not None:
+                out += bias
+            return out
+
+        return corrected
 
 
 def applies(model, library=None) -> bool:
@@ -305,6 +318,14 @@ def install(
             module.row_plan = row_plan
             module.library = library
             module.widen = widen
+            module.multiply = (
+                skinny.product(library, module.weight)
+                if library is not None
+                and module.weight.dtype in skinny.DTYPES
+                and module.weight.is_contiguous()
+                and module.weight.device.type == "cpu"
+                else None
+            )
             changed += 1
     return changed
 
@@ -314,5 +335,5 @@ def uninstall(model) -> None:
     for module in model.modules():
         if type(module) is RowLinear:
             module.__class__ = torch.nn.Linear
-            for name in ("row_plan", "library", "widen"):
+            for name in ("row_plan", "library", "widen", "multiply"):
                 vars(module).pop(name, None)

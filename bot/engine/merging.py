@@ -20,10 +20,12 @@ replaced forwards exist only until no row of another version is left (`unmix`); 
 time a merged adapter costs nothing. Greedy answers equal those of the version alone (tested):
 the correction is exact up to float rounding. Where the engine installed the skinny kernel
 (bot/engine/skinny.py) for a step's row count, the correction rides on the base product in one
-call (`RowLinear.extended`): the factors, padded to a multiple of 16 rank columns, extend each
-weight row's dot product and stream with the weight. As three torch ops with factors read cold
-after the weights streamed through, it cost +13 % an 8-row step; in the kernel +8 % (Xeon,
-29 Nov 2026).
+call (`RowLinear.corrector`, bound once a layer when the mix is built): the factors, padded to
+a multiple of 16 rank columns, extend each weight row's dot product and stream with the weight.
+As three torch ops with factors read cold after the weights streamed through, it cost +13 % an
+8-row step; in the kernel +8 % (Xeon, 29 Nov 2026), of which about a third was Python: the
+checks and argument list a call rebuilt (+1.1 ms a step, AVX-512 EPYC, 6 Dec 2026), now bound
+once, which left +3-4 % an 8-row step.
 
 A float32 swap is one pass over each targeted weight, `W += D_new - D_old`; the round trips
 leave an error of a few ulp (measured < 1e-6 absolute), far below what changes a greedy token.
@@ -279,8 +281,10 @@ class _VersionMix:
                 components.append((index, adapters[version], 1.0))
         self.others = others
         self._padding = len(others) + 1  # the component of padding columns: no row uses it
-        self._masks: dict[tuple[int, ...], torch.Tensor] | None = None
-        self._layouts: set[tuple[int, ...]] = set()  # each layer's component per rank column
+        # each layer's component per rank column, numbered; the masks of the next forwards by
+        # that number: (rows, 1, rank) over a row's tokens and its (rows, rank) view
+        self._layouts: dict[tuple[int, ...], int] = {}
+        self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._forwards = []  # (layer, its correcting forward), in place while rows are mixed
         self._device, self._dtype = None, None
         paths = sorted({path for _, adapter, _ in components for path in adapter.parts})
@@ -302,31 +306,32 @@ class _VersionMix:
             columns.extend([self._padding] * padding)
             a_parts.append(weight.new_zeros(padding, weight.shape[1]))
             b_parts.append(weight.new_zeros(weight.shape[0], padding))
-            layout = tuple(columns)
-            self._layouts.add(layout)
+            layout = self._layouts.setdefault(tuple(columns), len(self._layouts))
             a_rows = torch.cat(a_parts).contiguous()  # (rank, in)
             b_cols = torch.cat(b_parts, dim=1).contiguous()  # (out, rank)
             self._forwards.append((layer, self._forward(layer, a_rows, b_cols, layout)))
         self.install()
 
-    def _forward(self, layer, a_rows: torch.Tensor, b_cols: torch.Tensor, layout: tuple[int, ...]):
+    def _forward(self, layer, a_rows: torch.Tensor, b_cols: torch.Tensor, layout: int):
         """The layer's forward with the correction: an instance attribute, not a forward hook
         (any hook sends every call through nn.Module's slow path: ~2x the cost, measured)."""
         # the base product of the layer's class: plain nn.Linear, or the engine's RowLinear
         # (bot.engine.kernels) when the worker installed it
         base_forward = type(layer).forward
-        # RowLinear's product and correction in one pass of the skinny kernel (None elsewhere)
-        extended = getattr(type(layer), "extended", None)
+        # RowLinear's product and correction in one pass of the skinny kernel, the weight and
+        # factors bound once (None elsewhere)
+        corrector = getattr(layer, "corrector", None)
+        corrected = corrector(a_rows, b_cols) if corrector is not None else None
         a, b = a_rows.T, b_cols.T  # (in, rank), (rank, out): views for torch's products
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if self._masks is None:
+            masks = self._masks
+            if masks is None:
                 return base_forward(layer, x)
-            mask = self._masks[layout]  # (rows, 1, rank): over a row's tokens
-            if x.shape[1] == 1 and extended:  # a decoding step, one token a row: in one pass
-                # of the skinny kernel where the worker installed it for this many rows
-                rows = x.shape[0]
-                output = extended(layer, x.reshape(rows, -1), a_rows, b_cols, mask.view(rows, -1))
+            mask, flat_mask = masks[layout]  # (rows, 1, rank): over a row's tokens; (rows, rank)
+            if corrected is not None and x.shape[1] == 1:  # a decoding step, one token a row:
+                # in one pass of the skinny kernel where the worker installed it for these rows
+                output = corrected(x.reshape(x.shape[0], -1), flat_mask)
                 if output is not None:
                     return output.view(*x.shape[:-1], output.shape[-1])
             # the general form (a prefill; a step the kernel does not take): 2-D and in place
@@ -349,10 +354,11 @@ class _VersionMix:
             if version in self.others:
                 rows[row, 0] = True
                 rows[row, self.others.index(version) + 1] = True
-        self._masks = {
-            layout: rows[:, None, list(layout)].to(self._device, self._dtype)
-            for layout in self._layouts
+        masks = {
+            number: rows[:, list(layout)].to(self._device, self._dtype)
+            for layout, number in self._layouts.items()
         }
+        self._masks = {number: (mask[:, None], mask) for number, mask in masks.items()}
 
     def install(self) -> None:
         for layer, forward in self._forwards:

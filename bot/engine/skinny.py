@@ -157,70 +157,87 @@ EXTENSION_STEP = 16  # an extension's width must be a multiple of this (both vec
 
 def linear(library, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x W^T` with the kernel: x (rows x in) and weight (out x in), both float32 or both
-    bfloat16, on the CPU; the result in their dtype.
+    bfloat16, on the CPU; the result in their dtype (see `product`). Inputs that are not
+    contiguous are copied (x is small; a weight never is in practice)."""
+    return product(library, weight.contiguous())(x)
+
+
+def product(library, weight: torch.Tensor):
+    """`x -> x W^T` with the kernel, for x of rows x in on the CPU in the weight's dtype
+    (float32 or bfloat16; weight contiguous, out x in): the result in that dtype.
 
     bfloat16 inputs are widened to float32 for the sums (x is small; the weight is widened as
     it is read, so a step still reads half the bytes), as torch's bf16 products sum in
-    float32 too. Inputs that are not contiguous are copied (x is small; a weight never is in
-    practice).
+    float32 too. What is fixed is checked and looked up once, here (the engine binds one per
+    layer: a step calls 211 of them, and each check, lookup and conversion costs at every
+    call); the weight's address is read at each call, so a weight changed in place or given
+    new storage is still read right.
     """
+    if weight.dtype not in DTYPES or weight.dim() != 2 or not weight.is_contiguous():
+        raise ValueError(f"a {weight.dtype} weight {tuple(weight.shape)}: not one the kernel reads")
     low = weight.dtype == torch.bfloat16
-    x = x.to(torch.float32).contiguous() if low else x.contiguous()
-    weight = weight.contiguous()
-    rows, width = x.shape
-    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    (library.skinny_linear_bf16 if low else library.skinny_linear)(
-        x.data_ptr(),
-        weight.data_ptr(),
-        out.data_ptr(),
-        rows,
-        width,
-        weight.shape[0],
-        torch.get_num_threads(),
-    )
-    return out.to(torch.bfloat16) if low else out
+    function = library.skinny_linear_bf16 if low else library.skinny_linear
+    out_features, width = weight.shape
+
+    def multiply(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.shape != (rows, width) or x.dtype != weight.dtype or not x.is_cpu:
+            raise ValueError(f"{x.dtype} rows {tuple(x.shape)} do not fit {tuple(weight.shape)}")
+        x = x.to(torch.float32).contiguous() if low else x.contiguous()
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+        function(
+            x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, width, out_features,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out.to(torch.bfloat16) if low else out
+
+    return multiply
 
 
-def linear_corrected(
-    library,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    a_rows: torch.Tensor,
-    mask: torch.Tensor,
-    b_cols: torch.Tensor,
-) -> torch.Tensor:
-    """`x W^T + ((x A^T) * mask) B^T` in one call, float32 only: the engine's per-row LoRA
-    correction of a decoding step (bot/engine/merging.py). x: rows x in, a_rows: rank x in,
-    mask: rows x rank, b_cols: out x rank, the rank a multiple of `EXTENSION_STEP`.
+def corrector(library, weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch.Tensor):
+    """`x W^T + ((x A^T) * mask) B^T` as a function of `(x, mask)`, in one call of the kernel,
+    float32 only: the engine's per-row LoRA correction of a decoding step (bot/engine/
+    merging.py). a_rows: rank x in, b_cols: out x rank, the rank a multiple of
+    `EXTENSION_STEP`; then x: rows x in, mask: rows x rank.
 
     The low-rank product is a small product of its own; then each of the weight's dot products
     goes on over the rank's columns, so the factors stream with the weight instead of being
-    read cold by three separate small products (those cost ~33 us a layer, measured)."""
-    x, a_rows, mask, b_cols = (t.contiguous() for t in (x, a_rows, mask, b_cols))
-    rows, width = x.shape
-    rank = a_rows.shape[0]
+    read cold by three separate small products (those cost ~33 us a layer, measured).
+
+    Everything fixed is checked and bound once, here: what a call checks and converts costs
+    per layer per step, and with the checks, copies and argument list rebuilt at every call
+    the Python of a corrected step cost ~5 us a layer more than a plain one's (1.1 ms of a
+    41 ms step at 8 rows; AVX-512 EPYC, 6 Dec 2026). The factors' addresses are bound (the
+    function keeps them); the weight's is read at each call, as `product` does.
+    """
+    rank, width = a_rows.shape
+    out_features = weight.shape[0]
+    tensors = (weight, a_rows, b_cols)
     if (
         rank % EXTENSION_STEP
-        or a_rows.shape[1] != width
-        or mask.shape != (rows, rank)
-        or b_cols.shape != (weight.shape[0], rank)
+        or weight.shape[1] != width
+        or b_cols.shape != (out_features, rank)
+        or any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
     ):
         raise ValueError(
-            f"factors {tuple(a_rows.shape)}, {tuple(b_cols.shape)} and mask {tuple(mask.shape)} "
-            f"do not fit {rows} rows of {width} into {weight.shape[0]}"
+            f"factors {tuple(a_rows.shape)}, {tuple(b_cols.shape)} do not fit the weight "
+            f"{tuple(weight.shape)} (float32, contiguous, the rank a multiple of "
+            f"{EXTENSION_STEP})"
         )
-    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    library.skinny_linear_corrected(
-        x.data_ptr(),
-        weight.contiguous().data_ptr(),
-        out.data_ptr(),
-        rows,
-        width,
-        weight.shape[0],
-        torch.get_num_threads(),
-        a_rows.data_ptr(),
-        mask.data_ptr(),
-        b_cols.data_ptr(),
-        rank,
-    )
-    return out
+    function = library.skinny_linear_corrected
+    a, b = a_rows.data_ptr(), b_cols.data_ptr()
+
+    def correct(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.shape != (rows, width) or mask.shape != (rows, rank) or x.dtype != torch.float32:
+            raise ValueError(f"{x.dtype} rows {tuple(x.shape)}, mask {tuple(mask.shape)}: no fit")
+        x, mask = x.contiguous(), mask.contiguous()  # no copy when they already are
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+        function(
+            x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, width, out_features,
+            torch.get_num_threads(), a, mask.data_ptr(), b, rank,
+        )  # fmt: skip
+        return out
+
+    correct.factors = (a_rows, b_cols)  # their storage outlives the function holding its address
+    return correct
