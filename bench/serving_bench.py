@@ -16,7 +16,8 @@ run (the machines are shared and noisy); each is the median of `--repeats` tries
    also given counting the copy's reads and writes (STREAM's convention: half the ratios).
 5. swaps under load: 50 questions with 10 adapter swaps among them: failed or duplicated answers,
    answers on the wrong version, and throughput ÷ the same run without swaps; the same swaps
-   with the batch drained at each one (the engine's former way) beside it. Measured in a fresh
+   with the batch drained at each one (the engine's former way) beside it; `--swap-repeats`
+   rounds, each ratio taken within a round, their median. Measured in a fresh
    process when this run also measures decode or adapter, as the bot starts. (Steps measured
    after a plain `generate` or PEFT in the same process were slower: OpenMP keeps a team of
    helper threads for each thread that ran a parallel op, and with more of them than cores
@@ -251,10 +252,10 @@ def peft_unmerged_overhead(loaded, folder: Path, *, n: int) -> dict:
 
 
 def swaps_under_load(
-    engine, folders: list[Path], *, questions: int, swaps: int, repeats: int = 3
+    engine, folders: list[Path], *, questions: int, swaps: int, repeats: int = 5
 ) -> dict:
     """`questions` questions with `swaps` swaps among them, against the same run without swaps;
-    `repeats` rounds of the three runs in turn, medians."""
+    `repeats` rounds of the three runs, the median of the rounds' ratios."""
     requests = [AnswerRequest(QUESTIONS[i % len(QUESTIONS)]) for i in range(questions)]
     every = questions // swaps
 
@@ -275,24 +276,31 @@ def swaps_under_load(
         return elapsed, futures, expected, swap_futures
 
     # the engine's way (rows of the old version decode beside the new one) and, for reference,
-    # draining the batch at each swap; the plain run between them, so drift hits all alike
+    # draining the batch at each swap. Each round times the run without swaps beside the two
+    # with: a ratio is taken within a round, so that the drift of a shared machine over minutes
+    # hits both sides of it alike, and the plain and swapped runs take turns going first
     mixed = engine.mix_versions
-    drained, plain, swapped, swapping = [], [], [], []
+    times: dict[str, list[float]] = {"drained": [], "plain": [], "swapped": []}
+    swapping = []
     failed = wrong = duplicates = 0
-    for _ in range(repeats):
+    for index in range(repeats):
         engine.mix_versions = False
-        drained.append(run(True)[0])
+        times["drained"].append(run(True)[0])
         engine.mix_versions = mixed
-        plain.append(run(False)[0])
-        elapsed, futures, expected, swap_futures = run(True)
-        swapped.append(elapsed)
-        swapping.append(sum(f.result() for f in swap_futures if f.exception() is None))
-        failed += sum(f.exception() is not None for f in futures)
-        results = [f.result() for f in futures if f.exception() is None]
-        wrong += sum(r.adapter_version != v for r, v in zip(results, expected, strict=False))
-        duplicates += len(results) - len({id(r) for r in results})
-    plain_s, swapped_s, drained_s = median(plain), median(swapped), median(drained)
-    swap_s = median(swapping)
+        for swaps_now in (False, True) if index % 2 == 0 else (True, False):
+            if not swaps_now:
+                times["plain"].append(run(False)[0])
+                continue
+            elapsed, futures, expected, swap_futures = run(True)
+            times["swapped"].append(elapsed)
+            swapping.append(sum(f.result() for f in swap_futures if f.exception() is None))
+            failed += sum(f.exception() is not None for f in futures)
+            results = [f.result() for f in futures if f.exception() is None]
+            wrong += sum(r.adapter_version != v for r, v in zip(results, expected, strict=False))
+            duplicates += len(results) - len({id(r) for r in results})
+    ratios = [p / s for p, s in zip(times["plain"], times["swapped"], strict=True)]
+    drained = [p / d for p, d in zip(times["plain"], times["drained"], strict=True)]
+    extra = median(times["swapped"]) - median(times["plain"])
     engine.set_adapter(None, None).result(timeout=600)
     answered = engine.stats()["answered"]
     return {
@@ -300,12 +308,13 @@ def swaps_under_load(
         "wrong_version": wrong,
         "duplicates": duplicates,
         "runs": repeats,
-        "throughput_ratio": plain_s / swapped_s,
-        "drained_throughput_ratio": plain_s / drained_s,
+        # the median of the rounds' ratios, and each round's
+        "throughput_ratio": median(ratios),
+        "throughput_ratios": ratios,
+        "drained_throughput_ratio": median(drained),
+        "seconds": times,
         # of the extra wall time, the part the worker spent swapping (reading, merging)
-        "swapping_share_of_extra": (
-            swap_s / (swapped_s - plain_s) if swapped_s > plain_s else None
-        ),
+        "swapping_share_of_extra": median(swapping) / extra if extra > 0 else None,
         "answered_total": answered,
     }
 
@@ -319,6 +328,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--swap-questions", type=int, default=50)
     parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument(
+        "--swap-repeats", type=int, default=5,
+        help="rounds of the swaps part (each: drained, plain and swapped runs; ~40 s a round)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -395,7 +408,7 @@ def main() -> None:
                     folders,
                     questions=args.swap_questions,
                     swaps=args.swaps,
-                    repeats=args.repeats,
+                    repeats=args.swap_repeats,
                 )
                 print("swaps", out["swaps"], flush=True)
         if "memory" in only:
@@ -438,6 +451,7 @@ def _fresh_process_part(part: str, args) -> dict:
             *(sys.executable, __file__, "--only", part, "--json", str(out)),
             *("--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)),
             *("--swap-questions", str(args.swap_questions), "--swaps", str(args.swaps)),
+            *("--swap-repeats", str(args.swap_repeats)),
             *("--device", args.device, "--dtype", args.dtype),
         ]
         subprocess.run(command, timeout=3600, check=True, stdout=subprocess.DEVNULL)

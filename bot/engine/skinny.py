@@ -170,8 +170,8 @@ def product(library, weight: torch.Tensor):
     it is read, so a step still reads half the bytes), as torch's bf16 products sum in
     float32 too. What is fixed is checked and looked up once, here (the engine binds one per
     layer: a step calls 211 of them, and each check, lookup and conversion costs at every
-    call); the weight's address is read at each call, so a weight changed in place or given
-    new storage is still read right.
+    call); the weight's address is read at each call, so a weight changed in place (a merge)
+    or given new storage of its shape is still read right.
     """
     if weight.dtype not in DTYPES or weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"a {weight.dtype} weight {tuple(weight.shape)}: not one the kernel reads")
