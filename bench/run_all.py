@@ -37,7 +37,11 @@ LIMITS = {
         "no longer hide under the weights' stream), attention over 8 rows' caches (5.4 ms a "
         "step against 1.6) and the prefill of the 8 question tails (~0.2-0.28 s against "
         "0.08), compute-bound. int8 weights, more cores or a GPU would move it further. bf16: "
-        "2.1x on the AVX2 EPYC, where single answers are faster than in float32; 1.40x on the Xeon"
+        "2.1x on the AVX2 EPYC, where single answers are faster than in float32; 1.40x on the "
+        "Xeon. On an AVX-512 EPYC (6 Dec) 1.47-1.51x: there the kernel's 8-row pass costs only "
+        "1.2x its 1-row pass over the weights (28 against 23 ms), single answers are the fastest "
+        "measured (~30 tokens/s), and what grows with the rows is the rest: attention over 8 "
+        "caches and the 8 tails' prefill (compute-bound); bf16 1.69-1.77x there"
     ),
     "decode": (
         "float32: the skinny kernel and the lean decoding step (bot/engine/decoding.py) read the "
@@ -51,6 +55,12 @@ LIMITS = {
         "against 23.2 in float32 on 6 Dec, 37.2 against 33.7 on 29 Nov): attention, norms, "
         "RoPE and the Python around each product (~13 us a layer, ~2.7 ms a step there) do "
         "not shrink with the weights"
+        ". On an AVX-512 EPYC (6 Dec) memory is faster than the step: its torch copy measured "
+        "15.5 and 26.6 GB/s copied in two runs an hour apart, while a batch-1 step (~33 ms) "
+        "spends ~23 ms in the products (the kernel over the weights alone: 23 GB/s read) and "
+        "~10 in attention, norms, RoPE and the Python around 211 products, which no bandwidth "
+        "moves: 61-101 % of the limit, bf16 40-59 %. Fewer, fused calls a layer (q/k/v and "
+        "gate/up as one product each) or a compiled step would move it"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "
