@@ -66,10 +66,12 @@ def linear(
     *,
     most_rows: int = MOST_ROWS,
     library=None,
+    multiply=None,
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for at most `most_rows` CPU rows computed with the skinny
     kernel (`library`, from `skinny.load()`: float32 or bfloat16) or, without one, the weight
-    on the left (float32 only)."""
+    on the left (float32 only). `multiply`: the kernel's product of `weight` already bound
+    (`bound_product`, as `install` gives each layer), else it is bound for this call."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         not 0 < rows <= min(most_rows, MOST_ROWS)
@@ -79,7 +81,9 @@ def linear(
     ):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    if library is not None:
+    if multiply is not None:
+        out = multiply(flat)
+    elif library is not None:
         out = skinny.linear(library, flat, weight)
     else:
         if rows == 1:
@@ -129,7 +133,7 @@ class RowLinear(torch.nn.Linear):
     row_plan: dict[int, tuple] | None = None
     library = None
     widen = False
-    multiply = None  # `skinny.product` of this layer's weight, where the kernel reads it
+    multiply = None  # `bound_product` of this layer's weight, where the kernel reads it
 
     def _takes(self, rows: int) -> bool:
         if self.row_plan is None:
@@ -138,16 +142,9 @@ class RowLinear(torch.nn.Linear):
         return rows < len(uses) and uses[rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        width = x.shape[-1]
-        rows = x.numel() // width if width else 0
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self._takes(rows):
-            multiply = self.multiply
-            if multiply is None or x.dtype != self.weight.dtype or not x.is_cpu:
-                return linear(x, self.weight, self.bias, library=self.library)
-            out = multiply(x.reshape(rows, width))  # the kernel's product, bound at `install`
-            if self.bias is not None:
-                out += self.bias
-            return out.view(*x.shape[:-1], out.shape[-1])
+            return linear(x, self.weight, self.bias, library=self.library, multiply=self.multiply)
         # widening converts the whole weight, worth it for a prefill's many rows only: a row
         # count the plan measured and gave to F.linear keeps it (at one row widening cost 5x
         # bf16 F.linear, AVX2 EPYC, 29 Nov 2026)
@@ -260,8 +257,10 @@ def measure(
     if key in _MEASURED:  # another engine on the same shapes in this process
         return _MEASURED[key]
 
+    products = {id(w): bound_product(library, w) for w in weights}  # as `install` binds them
+
     def ours(x, weight):
-        return linear(x, weight, library=library)
+        return linear(x, weight, library=library, multiply=products[id(weight)])
 
     def ratio_at(rows: int) -> float:
         inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
@@ -318,16 +317,22 @@ def install(
             module.row_plan = row_plan
             module.library = library
             module.widen = widen
-            module.multiply = (
-                skinny.product(library, module.weight)
-                if library is not None
-                and module.weight.dtype in skinny.DTYPES
-                and module.weight.is_contiguous()
-                and module.weight.device.type == "cpu"
-                else None
-            )
+            module.multiply = bound_product(library, module.weight)
             changed += 1
     return changed
+
+
+def bound_product(library, weight: torch.Tensor):
+    """The kernel's product of `weight`, bound once (`skinny.product`), where `library` reads
+    it: a CPU weight of its dtypes, contiguous; else None."""
+    if (
+        library is None
+        or weight.dtype not in skinny.DTYPES
+        or not weight.is_contiguous()
+        or weight.device.type != "cpu"
+    ):
+        return None
+    return skinny.product(library, weight)
 
 
 def uninstall(model) -> None:

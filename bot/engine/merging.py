@@ -25,7 +25,7 @@ a multiple of 16 rank columns, extend each weight row's dot product and stream w
 As three torch ops with factors read cold after the weights streamed through, it cost +13 % an
 8-row step; in the kernel +8 % (Xeon, 29 Nov 2026), of which about a third was Python: the
 checks and argument list a call rebuilt (+1.1 ms a step, AVX-512 EPYC, 6 Dec 2026), now bound
-once, which left +3-4 % an 8-row step.
+once, which left +0-4 % an 8-row step.
 
 A float32 swap is one pass over each targeted weight, `W += D_new - D_old`; the round trips
 leave an error of a few ulp (measured < 1e-6 absolute), far below what changes a greedy token.
@@ -354,11 +354,10 @@ class _VersionMix:
             if version in self.others:
                 rows[row, 0] = True
                 rows[row, self.others.index(version) + 1] = True
-        masks = {
-            number: rows[:, list(layout)].to(self._device, self._dtype)
-            for layout, number in self._layouts.items()
-        }
-        self._masks = {number: (mask[:, None], mask) for number, mask in masks.items()}
+        self._masks = {}
+        for layout, number in self._layouts.items():
+            mask = rows[:, list(layout)].to(self._device, self._dtype)
+            self._masks[number] = (mask[:, None], mask)
 
     def install(self) -> None:
         for layer, forward in self._forwards:
