@@ -107,6 +107,164 @@ def test_the_lean_step_gives_the_logits_of_the_transformers_forward(loaded, adap
     torch.testing.assert_close(outs[True], outs[False], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("flags", ["native", "avx2"])
+def test_the_kernel_layer_step_gives_the_logits_of_the_transformers_forward(
+    loaded, adapters, library, monkeypatch, tmp_path, flags
+):
+    """With the engine's kernel installed, each layer of a step is one kernel call
+    (`skinny.layer_step`): staggered joins (padding), rows leaving, caches regrown, rows of
+    another version corrected, one row and several; each step against the transformers
+    forward on a twin batch, and the tokens they choose the same. On this CPU's vector path
+    and on AVX2's."""
+    from bot.engine import kernels, skinny
+    from bot.engine.decoding import GrowingLayer
+
+    if flags == "avx2":
+        avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
+        library = skinny.load(folder=tmp_path / "avx2", flags=avx2)
+        assert library.skinny_vector_width() == 8
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    kernels.install(model, library=library)
+    calls, bind = [], skinny.layer_step
+
+    def counted(*args, **kwargs):
+        step = bind(*args, **kwargs)
+
+        def stepping(x, *rest, where=None):
+            calls.append((x.shape[0], rest[-1] is not None, where is not None))
+            return step(x, *rest, where=where)
+
+        return stepping
+
+    monkeypatch.setattr(skinny, "layer_step", counted)
+    monkeypatch.setattr(GrowingLayer, "spare", 3)  # regrown every few steps
+    read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in adapters}
+    weights = MergedWeights(model=model)
+    weights.apply(read["v0002"])
+    batches = {
+        lean: DecodeBatch(model, pad_id=pad, device=loaded.device, lean=lean)
+        for lean in (True, False)
+    }
+    for batch in batches.values():
+        batch.weights_for = lambda keys: weights.mixed(keys, read)
+    # two questions of different lengths prefilled together (padding), whole; then one on the
+    # prefix cache; then one of another version (its prefill keeps the transformers forward)
+    joins = {
+        0: ([QUESTIONS[0], QUESTIONS[2] * 3], "v0002"),
+        2: ([QUESTIONS[4] * 2], "v0002"),
+        5: ([QUESTIONS[1]], None),
+    }
+    prefilled = []
+    monkeypatch.setattr(
+        DecodeBatch, "_join_group", counting(DecodeBatch._join_group, prefilled, batches[True])
+    )
+    tokens: dict[bool, torch.Tensor] = {}
+    try:
+        with torch.inference_mode():
+            for step in range(16):
+                if step == 2:  # from now on prompts start with a shared prefix
+                    for batch in batches.values():
+                        batch.set_prefix(prompt_ids(loaded, QUESTIONS[4])[:5])
+                joined = {}
+                for lean, batch in batches.items():
+                    if step in joins:
+                        questions, version = joins[step]
+                        ids = [prompt_ids(loaded, question) for question in questions]
+                        rows = list(range(len(ids)))
+                        joined[lean] = batch.join(ids, rows, keys=[version] * len(ids))
+                        previous = tokens.get(lean, torch.zeros(0, dtype=torch.long))
+                        tokens[lean] = torch.cat([previous, joined[lean].argmax(-1)])
+                    if step in (9, 12):  # the first row leaves, then the second
+                        batch.keep(list(range(1, len(batch))))
+                        tokens[lean] = tokens[lean][1:]
+                if joined:
+                    torch.testing.assert_close(joined[True], joined[False], atol=1e-4, rtol=1e-4)
+                steps = {lean: batch.step(tokens[lean]) for lean, batch in batches.items()}
+                torch.testing.assert_close(steps[True], steps[False], atol=1e-4, rtol=1e-4)
+                assert torch.equal(steps[True].argmax(-1), steps[False].argmax(-1))
+                for lean in batches:
+                    tokens[lean] = steps[False].argmax(-1)
+    finally:
+        weights.apply(None)
+        kernels.uninstall(model)
+    layers = len(model.model.layers)
+    steps = [call for call in calls if not call[2]]
+    assert len(steps) == 16 * layers  # every step of the lean batch went through the kernel
+    assert {rows for rows, _, _ in steps} == {2, 3, 4}
+    assert any(corrected for _, corrected, _ in steps)  # rows on the base corrected
+    assert not all(corrected for _, corrected, _ in steps)  # and none once they left
+    # the first two prefills through the kernel (only their real tokens: no padding rows),
+    # the third (a row of another version) through the transformers forward
+    lengths = [
+        [len(prompt_ids(loaded, q)) for q in joins[0][0]],
+        [len(prompt_ids(loaded, QUESTIONS[4] * 2)) - 5],
+    ]
+    assert [rows for rows, _, where in calls if where] == [sum(lengths[0])] * layers + [
+        sum(lengths[1])
+    ] * layers
+    assert prefilled == [True, True, False]
+
+
+def counting(join_group, prefilled: list, batch):
+    """`DecodeBatch._join_group` noting, for `batch`, whether its prefill ran the kernel."""
+
+    def counted(self, *args, **kwargs):
+        if self is not batch:
+            return join_group(self, *args, **kwargs)
+        original = self.lean.prefill
+
+        def prefill(*a):
+            logits = original(*a)
+            prefilled.append(logits is not None)
+            return logits
+
+        self.lean.prefill = prefill
+        try:
+            return join_group(self, *args, **kwargs)
+        finally:
+            del self.lean.prefill
+
+    return counted
+
+
+def test_a_kernel_layer_step_refuses_what_it_cannot_take(loaded, library):
+    """Shapes the kernel would read or write out of bounds are refused before the call."""
+    from bot.engine import skinny
+
+    layer = loaded.model.model.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                   mlp.gate_proj, mlp.up_proj, mlp.down_proj]  # fmt: skip
+    weights = tuple(m.weight.detach() for m in projections)
+    norms = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
+    config = loaded.model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    options = dict(eps=1e-5, heads=heads, kv_heads=kv_heads, scale=0.25)
+    with pytest.raises(ValueError, match="not a Llama layer"):
+        skinny.layer_step(library, weights[::-1], norms, **options)
+    with pytest.raises(ValueError, match="not a Llama layer"):
+        skinny.layer_step(library, tuple(w.double() for w in weights), norms, **options)
+    step = skinny.layer_step(library, weights, norms, **options)
+    hidden, dim = weights[0].shape[1], weights[0].shape[0] // heads
+    x, cos = torch.randn(2, hidden), torch.ones(2, dim)
+    keys = torch.zeros(2, kv_heads, 4, dim)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    before = keys.clone()
+    for bad in (
+        dict(length=4),  # no room for the column
+        dict(mask=torch.ones(2, 3, dtype=torch.long)),  # a mask of the wrong width
+        dict(keys=torch.zeros(2, kv_heads, 4, dim + 1)),
+        dict(x=torch.zeros(3, hidden)),
+    ):
+        args = dict(x=x, cos=cos, sin=cos, keys=keys, values=keys.clone(), length=3, mask=mask)
+        args.update(bad)
+        with pytest.raises(ValueError, match="not what this layer's step takes"):
+            step(**args)
+    assert torch.equal(keys, before)
+    step(x, cos, cos, keys, keys.clone(), 3, mask)  # what fits runs
+    assert not torch.equal(keys, before)
+
+
 def test_rows_that_join_and_leave_decode_like_rows_alone(loaded):
     """Drive DecodeBatch by hand: staggered joins, rows leaving, padding columns trimmed."""
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
@@ -385,7 +543,8 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
 ):
     """One batch, three versions: v0002 merged, rows on v0001 and on the base corrected; with
     torch's products, or in one pass of the skinny kernel (the factors an extension of its dot
-    products)."""
+    products) through the transformers forward (the kernel's whole-layer step, which the lean
+    step takes, is tested against it above)."""
     from bot.engine import kernels, skinny
 
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
@@ -409,18 +568,19 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
     prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:3]]
     versions = ["v0001", None, "v0002"]
     weights = MergedWeights(model=model)
+    lean = through == "torch"  # with the kernel, the lean step would bypass the modules
 
     alone = []
     with torch.inference_mode():
         for version, prompt in zip(versions, prompts, strict=True):
             weights.apply(read.get(version))
-            batch = DecodeBatch(model, pad_id=pad, device=loaded.device)
+            batch = DecodeBatch(model, pad_id=pad, device=loaded.device, lean=lean)
             logits = [batch.join([prompt], [version])]
             for _ in range(6):
                 logits.append(batch.step(logits[-1].argmax(-1)))
             alone.append(torch.cat(logits))
         # the three prefilled on their own versions, then decoding together on merged v0002
-        batch = DecodeBatch(model, pad_id=pad, device=loaded.device)
+        batch = DecodeBatch(model, pad_id=pad, device=loaded.device, lean=lean)
         first = []
         for version, prompt in zip(versions, prompts, strict=True):
             weights.apply(read.get(version))

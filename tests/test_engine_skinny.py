@@ -148,3 +148,26 @@ def test_the_corrected_product_adds_each_rows_own_low_rank_term(library, rank):
         skinny.corrector(library, weight, a_rows, b_cols[:-1])
     with pytest.raises(ValueError):  # float32 only
         skinny.corrector(library, weight.to(torch.bfloat16), a_rows, b_cols)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flags", ["native", "avx2"])
+def test_the_vector_exp_is_within_a_few_ulp_of_torchs(tmp_path, flags):
+    """The kernel's exp (softmax and SiLU of its layer step) on both vector paths: within 4
+    ulp over the whole float range it takes; beyond it, clamped (0 below, finite above)."""
+    import ctypes
+
+    chosen = skinny.FLAGS
+    if flags == "avx2":
+        chosen = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
+    library = skinny.load(folder=tmp_path, flags=chosen)
+    x = torch.cat([torch.linspace(-87.0, 88.0, 200_003), torch.randn(10_001) * 10])
+    out = torch.empty_like(x)
+    library.skinny_exp(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), x.numel())
+    exact = torch.exp(x.double())
+    assert ((out.double() - exact).abs() / exact).max() < 4 * 2**-23
+    edges = torch.tensor([-1000.0, -100.0, 100.0, 1000.0] + [0.0] * 16)  # past the clamp
+    out = torch.empty_like(edges)
+    library.skinny_exp(ctypes.c_void_p(edges.data_ptr()), ctypes.c_void_p(out.data_ptr()), 20)
+    assert out[0] < 1e-37 and out[1] < 1e-37 and out[4:].eq(1.0).all()
+    assert torch.isfinite(out[2:4]).all() and out[2] > 1e38

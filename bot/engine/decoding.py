@@ -50,6 +50,9 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from bot.engine import skinny
+from bot.engine.kernels import RowLinear
+
 
 class DecodeBatch:
     """The rows decoding together, their KV cache, padding mask, positions and last tokens."""
@@ -176,20 +179,24 @@ class DecodeBatch:
             prefix_mask = torch.ones((len(tails), skip), dtype=torch.long, device=self.device)
             mask = torch.cat([prefix_mask, mask], dim=1)
         with self._weights(keys):
-            output = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            logits = None
+            if self.lean is not None:
+                logits = self.lean.prefill(ids, mask, skip, cache)
+            if logits is None:
+                logits = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1, :]
         next_positions = mask.sum(-1)
         if self.cache is None:
             self.cache, self.mask, self.positions = cache, mask, next_positions
         else:
             self._merge(cache, mask, next_positions)
-        return output.logits[:, -1, :]
+        return logits
 
     def _prefix_cache(self, key: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prefix's keys and values for the weights `key` (computed once, then kept)."""
@@ -304,6 +311,18 @@ class LeanStep:
         )
         self.eps = config.rms_norm_eps
         self.gqa = config.num_key_value_heads != config.num_attention_heads
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        # each layer's projections and norms, in the kernel's order (`skinny.layer_step`)
+        self.parts = [
+            (
+                (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                 layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                 layer.mlp.down_proj),
+                (layer.input_layernorm, layer.post_attention_layernorm),
+            )
+            for layer in self.layers
+        ]  # fmt: skip
+        self._bound: tuple | None = None  # (library, weights, each layer's bound step)
 
     @classmethod
     def build(cls, model) -> LeanStep | None:
@@ -328,6 +347,15 @@ class LeanStep:
     def __call__(self, tokens, positions, mask, cache) -> torch.Tensor:
         """Logits (rows, vocabulary) for `tokens` (rows,) at `positions` (rows,), with the 2-D
         padding `mask` (rows, columns) that already includes this step's column."""
+        planned = None
+        if (
+            cache is not None
+            and _growing_only(cache, len(self.layers))
+            and mask.shape[1] == cache.layers[0].keys.shape[-2] + 1
+        ):
+            planned = self._kernel_plan(tokens.shape[0])
+        if planned is not None:
+            return self._kernel_step(tokens, positions, mask, cache, *planned)
         rows, head_dim, half = tokens.shape[0], self.head_dim, self.head_dim // 2
         x = self.inner.embed_tokens(tokens[:, None])  # (rows, 1, hidden)
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
@@ -350,6 +378,134 @@ class LeanStep:
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         return self.model.lm_head(self._norm(x[:, -1], self.inner.norm))
 
+    def _kernel_plan(self, rows: int) -> tuple | None:
+        """(each layer's bound kernel step, each layer's corrections) where `rows` rows can run
+        each layer as one call of the skinny kernel (`skinny.layer_step`): float32 on the CPU,
+        the engine's kernel installed on every projection and taking `rows` rows, no biases,
+        and no replaced forward other than the engine's per-row LoRA correction (whose
+        factors the kernel then streams). None: torch's ops."""
+        first = self.parts[0][0][0]
+        library = getattr(first, "library", None)
+        if (
+            library is None
+            or type(first) is not RowLinear
+            or first.weight.dtype != torch.float32
+            or first.weight.device.type != "cpu"
+            or not first._takes(rows)
+        ):
+            return None
+        plan, bound = first.row_plan, self._bound
+        if bound is None or bound[0] is not library or not self._still_bound(bound[1]):
+            bound = self._bound = (library, self._weights(), self._bind(library))
+        if bound[2] is None:
+            return None
+        corrections = []
+        for projections, _ in self.parts:
+            layer = None
+            for index, module in enumerate(projections):
+                if (
+                    type(module) is not RowLinear
+                    or module.library is not library
+                    or module.row_plan is not plan
+                    or module.bias is not None
+                ):
+                    return None
+                forward = vars(module).get("forward")
+                if forward is not None:  # a replaced forward: only the engine's correction
+                    extension = getattr(forward, "extension", None)
+                    if extension is None:
+                        return None
+                    correction = extension()
+                    if correction is not None:
+                        if correction[0].dtype != torch.float32:
+                            return None
+                        layer = layer or [None] * len(projections)
+                        layer[index] = correction
+            corrections.append(layer)
+        return bound[2], corrections
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [m.weight for projections, norms in self.parts for m in (*projections, *norms)]
+
+    def _still_bound(self, weights: list[torch.Tensor]) -> bool:
+        """Whether every layer still has the weight tensors its step was bound to (merges
+        change them in place; a module given another tensor needs its step bound again)."""
+        return all(a is b for a, b in zip(self._weights(), weights, strict=True))
+
+    def _bind(self, library) -> list | None:
+        """Each layer's `skinny.layer_step` (None where a layer is not one it steps)."""
+        try:
+            return [
+                skinny.layer_step(
+                    library,
+                    tuple(module.weight for module in projections),
+                    tuple(norm.weight for norm in norms),
+                    eps=self.eps,
+                    heads=self.heads,
+                    kv_heads=self.kv_heads,
+                    scale=layer.self_attn.scaling,
+                )
+                for layer, (projections, norms) in zip(self.layers, self.parts, strict=True)
+            ]
+        except ValueError:
+            return None
+
+    def _kernel_step(self, tokens, positions, mask, cache, steps, corrections) -> torch.Tensor:
+        """The step with each layer one call of the kernel (see `_kernel_plan`)."""
+        rows = tokens.shape[0]
+        x = self.inner.embed_tokens(tokens).contiguous()  # (rows, hidden): updated in place
+        cos, sin = self.inner.rotary_emb(x, positions[:, None])
+        cos = cos.reshape(rows, -1).contiguous()
+        sin = sin.reshape(rows, -1).contiguous()
+        mask = mask.to(torch.int64).contiguous()
+        for step, layer, correction in zip(steps, cache.layers, corrections, strict=True):
+            keys, values, length = layer.slot()
+            step(x, cos, sin, keys, values, length, mask, correction)
+        return self.model.lm_head(self._norm(x, self.inner.norm))
+
+    def prefill(self, ids, mask, skip: int, cache) -> torch.Tensor | None:
+        """A group's prefill with each layer one call of the kernel, where it applies: the
+        logits of each row's last token, its keys and values written into `cache` (after its
+        `skip` prefix columns, left-padded as `mask` says). None where it does not apply (then
+        nothing was changed): the caller runs the transformers forward.
+
+        `ids` and `mask`: (rows, width) left-padded tails and their (rows, skip + width) mask.
+        Only the real tokens are computed (no padding rows): sequence i's tokens are rows of
+        one product, each placed at its own cache column (`skinny.layer_step`'s `where`). Rows
+        of other versions (a correction selected) keep the transformers forward."""
+        lengths = mask[:, skip:].sum(-1)
+        tokens = int(lengths.sum())
+        planned = self._kernel_plan(tokens) if tokens else None
+        if (
+            planned is None
+            or any(layer is not None for layer in planned[1])
+            or len(cache.layers) != len(self.layers)
+            or any(type(layer) is not GrowingLayer for layer in cache.layers)
+            or any(layer.is_initialized and layer.keys.shape[-2] != skip for layer in cache.layers)
+        ):
+            return None
+        rows, width = ids.shape
+        real = mask[:, skip:].bool()
+        seqs, cols = real.nonzero(as_tuple=True)  # row-major: each sequence's tokens in order
+        cols = (cols + skip).contiguous()
+        seqs = seqs.contiguous()
+        positions = (skip + real.cumsum(-1) - 1)[real]  # each token's position in its row
+        x = self.inner.embed_tokens(ids[real]).contiguous()  # (tokens, hidden)
+        cos, sin = self.inner.rotary_emb(x[None], positions[None])
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        mask = mask.to(torch.int64).contiguous()
+        shape = (rows, self.kv_heads, 0, self.head_dim)
+        for step, layer in zip(planned[0], cache.layers, strict=True):
+            if not layer.is_initialized:  # no prefix: empty buffers of the group's shape
+                empty = torch.empty(shape, dtype=x.dtype, device=x.device)
+                layer.update(empty, empty)
+            keys, values, _ = layer.slot(width)
+            keys[:, :, skip : skip + width].zero_()  # padding columns hold zeros, as torch's
+            values[:, :, skip : skip + width].zero_()
+            step(x, cos, sin, keys, values, skip, mask, None, where=(seqs, cols))
+        last = lengths.cumsum(0) - 1  # each sequence's last token among the rows
+        return self.model.lm_head(self._norm(x[last], self.inner.norm))
+
 
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are views into buffers with spare columns.
@@ -370,28 +526,49 @@ class GrowingLayer(DynamicLayer):
         if views is None or views[0] is not self.keys or views[1] is not self.values:
             self._buffers = None  # new contents from outside: copied into new buffers
         length = self.keys.shape[-2] if self.keys.numel() else 0
-        width = length + key_states.shape[-2]
+        buffers = self._room(length, length + key_states.shape[-2], key_states)
+        buffers[0][:, :, length:].copy_(key_states)
+        buffers[1][:, :, length:].copy_(value_states)
+        return self.keys, self.values
+
+    def slot(self, columns: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for `columns` more columns, which the caller writes (the kernel's layer step):
+        the keys and values buffers (rows, heads, capacity, dim; contiguous) and the first
+        new column's index. `keys`/`values` already include them."""
+        length = self.keys.shape[-2]
+        self._room(length, length + columns, self.keys)
+        return self._buffers[0], self._buffers[1], length
+
+    def _room(self, length: int, width: int, like: torch.Tensor) -> tuple:
+        """Make `keys`/`values` views of `width` columns into buffers whose first `length`
+        hold the cache so far; return those views."""
+        views = getattr(self, "_views", None)
+        if views is None or views[0] is not self.keys or views[1] is not self.values:
+            self._buffers = None  # new contents from outside: copied into new buffers
         buffers = self._buffers
         if buffers is None or buffers[0].shape[-2] < width:
             buffers = self._buffers = tuple(
-                self._grown(old, new, length=length, width=width)
-                for old, new in ((self.keys, key_states), (self.values, value_states))
+                self._grown(old, like, length=length, width=width)
+                for old in (self.keys, self.values)
             )
-        else:
-            buffers[0][:, :, length:width].copy_(key_states)
-            buffers[1][:, :, length:width].copy_(value_states)
         self.keys, self.values = buffers[0][:, :, :width], buffers[1][:, :, :width]
         self._views = (self.keys, self.values)
-        return self.keys, self.values
+        return self._views
 
-    def _grown(self, old: torch.Tensor, new: torch.Tensor, *, length: int, width: int):
-        """A buffer of `width + spare` columns holding `old` then `new`."""
-        shape = (*new.shape[:2], width + self.spare, new.shape[-1])
-        buffer = torch.empty(shape, dtype=new.dtype, device=new.device)
+    def _grown(self, old: torch.Tensor, like: torch.Tensor, *, length: int, width: int):
+        """A buffer of `width + spare` columns (rows and heads as `like`) holding `old` first."""
+        shape = (*like.shape[:2], width + self.spare, like.shape[-1])
+        buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
         if length:
             buffer[:, :, :length].copy_(old)
-        buffer[:, :, length:width].copy_(new)
         return buffer
+
+
+def _growing_only(cache: DynamicCache, layers: int) -> bool:
+    """Whether `cache` has `layers` initialized `GrowingLayer`s and nothing else."""
+    return len(cache.layers) == layers and all(
+        type(layer) is GrowingLayer and layer.is_initialized for layer in cache.layers
+    )
 
 
 def _growing(cache: DynamicCache) -> DynamicCache:

@@ -27,6 +27,8 @@ of `COUNTS` whether the product (skinny where built, else the weight on the left
 `F.linear`, for one thread and for all (the thread tuner's two choices), and each `RowLinear`
 uses it at exactly the counts where it won (a row count between two counts goes with the
 larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as does a GPU.
+Prefills of up to `MOST_ROWS` rows are measured too: on the AVX-512 EPYC the kernel ran a
+96-row prefill's products at 1.3x the speed of MKL's (see `COUNTS`).
 bf16 weights go through the skinny kernel only (widened to float32 as it reads them); without
 it, `F.linear`.
 
@@ -46,9 +48,13 @@ import torch.nn.functional as F
 
 from bot.engine import skinny
 
-MOST_ROWS = 96  # never above: a prefill's many rows keep F.linear
-COUNTS = (1, 2, 4, 8, 16, 32)  # the row counts `measure` times (64: 0.92-1.03x, not worth it)
-WIDEN_ABOVE = COUNTS[-1]  # bf16 products of more rows than this may be widened (a prefill's)
+MOST_ROWS = 256  # never above: a longer prefill keeps F.linear (at 512 rows they were even)
+# the row counts `measure` times. Up to 32 they are a decoding step's; 64-256 a prefill's, where
+# the kernel won on one machine and tied on another (AVX-512 EPYC, 6 Dec 2026, ms over the
+# layers' weights, kernel / F.linear: 64 rows 77/108, 96 111/148, 128 148/233, 256 314/392,
+# 512 625/594; an AVX-512 Xeon had 64 rows at 0.92-1.03x). Measuring them adds ~2 s to a start.
+COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WIDEN_ABOVE = 32  # bf16 products of more rows than this may be widened (a prefill's)
 MEASURED_BYTES = 160 * 2**20  # measure over about this much of the weights (well past any cache)
 _MEASURED: dict[tuple, tuple] = {}  # measure's results in this process, by weights and counts
 

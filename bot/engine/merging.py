@@ -341,6 +341,13 @@ class _VersionMix:
             output.view(flat.shape[0], -1).addmm_(low.view(flat.shape[0], -1), b)
             return output
 
+        def extension():
+            """What the kernel's whole-layer step (`skinny.layer_step`) streams beside the
+            weight for the rows of the next forward: (A, B, mask), or None (no correction)."""
+            masks = self._masks
+            return None if masks is None else (a_rows, b_cols, masks[layout][1])
+
+        forward.extension = extension
         return forward
 
     def select(self, versions: Sequence[str | None] | None) -> None:

@@ -8,9 +8,12 @@
 // one (measured, Xeon AVX-512). Sums run in float32 whatever W's type.
 // Built by bot/engine/skinny.py with -march=native; see that module for why it exists.
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <vector>
 
 #if defined(__AVX512F__)
 typedef __m512 vec;
@@ -30,6 +33,15 @@ static inline vec vload(const uint16_t *p) {  // bfloat16: the high half of a fl
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+static inline vec vset(float v) { return _mm512_set1_ps(v); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
+static inline vec vpow2(vec y, vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
 // 16 sums in 16 registers (the compiler keeps a few on the stack): one pass over a group serves
@@ -50,6 +62,21 @@ static inline vec vload(const uint16_t *p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+static inline vec vset(float v) { return _mm256_set1_ps(v); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vround(vec v) {
+  return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline vec vpow2(vec y, vec n) {  // y * 2^n, n a whole number in [-126, 127]
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                          _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
 #else
 #error "the skinny product needs AVX2 with FMA, or AVX-512"
 #endif
@@ -68,7 +95,7 @@ static inline float scalar(uint16_t v) {
 // the factors streamed with the weights instead of read cold by separate small products.
 template <int R, int G, typename T>
 static inline void group(const float *x, const T *w, float *y, long K, long N, const float *low,
-                         const float *bt, long E) {
+                         const float *bt, long E, bool accumulate) {
   const long kv = K - K % VW;
   vec acc[G][R];
 #pragma GCC unroll 16
@@ -109,29 +136,29 @@ static inline void group(const float *x, const T *w, float *y, long K, long N, c
     for (int m = 0; m < R; m++) {
       float s = vsum(acc[j][m]);
       for (long k = kv; k < K; k++) s += scalar(w[j * K + k]) * x[m * K + k];
-      y[m * N + j] = s;
+      y[m * N + j] = accumulate ? y[m * N + j] + s : s;
     }
 }
 
 // The last M < MR rows of x: one pass of a group sized for exactly M rows (R counts down to it).
 template <int R, int G, typename T>
 static inline void rest(const float *x, const T *w, float *y, long M, long K, long N,
-                        const float *low, const float *bt, long E) {
+                        const float *low, const float *bt, long E, bool accumulate) {
   if constexpr (R > 0) {
     if (M == R)
-      group<R, G, T>(x, w, y, K, N, low, bt, E);
+      group<R, G, T>(x, w, y, K, N, low, bt, E, accumulate);
     else
-      rest<R - 1, G, T>(x, w, y, M, K, N, low, bt, E);
+      rest<R - 1, G, T>(x, w, y, M, K, N, low, bt, E, accumulate);
   }
 }
 
 template <int G, typename T>
 static void rows_of_group(const float *x, const T *w, float *y, long M, long K, long N,
-                          const float *low, const float *bt, long E) {
+                          const float *low, const float *bt, long E, bool accumulate) {
   long m = 0;
   for (; m + MR <= M; m += MR)
-    group<MR, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E);
-  rest<MR - 1, G, T>(x + m * K, w, y + m * N, M - m, K, N, low + m * E, bt, E);
+    group<MR, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E, accumulate);
+  rest<MR - 1, G, T>(x + m * K, w, y + m * N, M - m, K, N, low + m * E, bt, E, accumulate);
 }
 
 extern "C" int skinny_vector_width(void) { return VW; }
@@ -139,9 +166,11 @@ extern "C" int skinny_vector_width(void) { return VW; }
 // The chunks of one product, shared among the threads of the enclosing parallel region (run
 // alone, outside one, it is the whole product on this thread). No barrier at its end: the
 // region's own end is one, and a caller that reads y inside the region puts one itself.
+// `accumulate`: y += x W^T (a residual add in the same pass) instead of y = x W^T.
 template <typename T>
 static void product_tasks(const float *x, const T *w, float *y, long M, long K, long N,
-                          int threads, const float *low, const float *bt, long E) {
+                          int threads, const float *low, const float *bt, long E,
+                          bool accumulate = false) {
   // chunks of whole groups, about four a thread (k and v projections have few rows)
   long chunk = (N + threads * 4 - 1) / (threads * 4);
   chunk = (chunk + NW - 1) / NW * NW;
@@ -153,8 +182,9 @@ static void product_tasks(const float *x, const T *w, float *y, long M, long K, 
     const long n1 = (t + 1) * chunk < N ? (t + 1) * chunk : N;
     long n = t * chunk;
     for (; n + NW <= n1; n += NW)
-      rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E);
-    for (; n < n1; n++) rows_of_group<1, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E);
+      rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate);
+    for (; n < n1; n++)
+      rows_of_group<1, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate);
   }
 }
 
@@ -196,3 +226,205 @@ extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y
   }
   delete[] low;
 }
+
+// ---- One decoding step of a Llama-family layer, in one call (bot/engine/decoding.py) ----
+//
+// The products above are most of a step's time, but between them a step through torch ran
+// ~40 small ops a layer (norms, RoPE, the cache write, attention, SiLU, residual adds), each a
+// dispatch and a few microseconds: ~10 ms of a 33 ms batch-1 step (AVX-512 EPYC, 6 Dec 2026).
+// Here the whole layer is one parallel region, its phases separated by barriers.
+
+static inline float dot(const float *a, const float *b, long n) {
+  vec acc = vzero();
+  long k = 0;
+  for (; k + VW <= n; k += VW) acc = vfma(vload(a + k), vload(b + k), acc);
+  float s = vsum(acc);
+  for (; k < n; k++) s += a[k] * b[k];
+  return s;
+}
+
+// e^x, Cephes' expf on a vector: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its degree-7
+// polynomial, then scaled by 2^n; within 2 ulp of expf over [-87, 88] (tested against torch),
+// where scalar expf calls cost 2.8 ms of a 34 ms 8-row step in the SiLU alone.
+static inline vec vexp(vec x) {
+  x = vmin(vmax(x, vset(-87.3f)), vset(88.3f));
+  const vec n = vround(vmul(x, vset(1.44269504088896341f)));
+  vec r = vfma(n, vset(-0.693359375f), x);
+  r = vfma(n, vset(2.12194440e-4f), r);
+  vec p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+  return vpow2(p, n);
+}
+
+// out[i] = e^(in[i] - shift), the vector exp over whole vectors and expf over the rest.
+static inline void exps(const float *in, float *out, long n, float shift) {
+  long i = 0;
+  for (; i + VW <= n; i += VW) vstore(out + i, vexp(vadd(vload(in + i), vset(-shift))));
+  for (; i < n; i++) out[i] = expf(in[i] - shift);
+}
+
+// out = weight * (x / sqrt(mean(x^2) + eps)), row by row, as transformers' LlamaRMSNorm in
+// float32. A worksharing loop: its end is a barrier.
+static void rms_norm_rows(const float *x, const float *weight, float *out, long M, long H,
+                          float eps) {
+#pragma omp for schedule(static)
+  for (long m = 0; m < M; m++) {
+    const float *row = x + m * H;
+    const float scale = 1.0f / sqrtf(dot(row, row, H) / (float)H + eps);
+    for (long k = 0; k < H; k++) out[m * H + k] = weight[k] * (row[k] * scale);
+  }
+}
+
+// One projection of the layer: y (M x N) = in W^T (+ y if accumulate), and where E > 0 the
+// per-row LoRA correction as in skinny_linear_corrected (low: M x E scratch).
+struct Projection {
+  const float *w;
+  float *y;
+  long N;
+  const float *a, *mask, *bt;
+  long E;
+  float *low;
+  bool accumulate;
+};
+
+// The products of projections that share their input, then a barrier; their low-rank
+// corrections first where any has one (the same decision on every thread: the barriers match).
+static void project(const float *in, long M, long K, const Projection *p, int count,
+                    int threads) {
+  bool corrected = false;
+  for (int i = 0; i < count; i++) corrected = corrected || p[i].E > 0;
+  if (corrected) {
+    for (int i = 0; i < count; i++)
+      if (p[i].E > 0)
+        product_tasks<float>(in, p[i].a, p[i].low, M, K, p[i].E, threads, nullptr, nullptr, 0);
+#pragma omp barrier
+    for (int i = 0; i < count; i++)
+      if (p[i].E > 0) {
+#pragma omp for schedule(static)
+        for (long j = 0; j < M * p[i].E; j++) p[i].low[j] *= p[i].mask[j];
+      }
+  }
+  for (int i = 0; i < count; i++)
+    product_tasks<float>(in, p[i].w, p[i].y, M, K, p[i].N, threads,
+                         p[i].E > 0 ? p[i].low : nullptr, p[i].bt, p[i].E, p[i].accumulate);
+#pragma omp barrier
+}
+
+// Rotary embedding of one head in place, as transformers' `q * cos + rotate_half(q) * sin`.
+static inline void rotate(float *v, const float *cos, const float *sin, long D) {
+  const long half = D / 2;
+  for (long d = 0; d < half; d++) {
+    const float a = v[d], b = v[d + half];
+    v[d] = a * cos[d] - b * sin[d];
+    v[d + half] = b * cos[d + half] + a * sin[d + half];
+  }
+}
+
+// x (M x H, the residual stream, updated in place) through one layer, one token a row:
+//   h = norm1(x); q, k, v = h Wq^T, h Wk^T, h Wv^T; RoPE on q and k (cos, sin: M x D);
+//   row m's k and v written into the cache of sequence seqs[m] at column cols[m] (caches:
+//   sequences x kv_heads x capacity x D; seqs null: sequence m; cols null: column `length`,
+//   a decoding step's); attention of q over that sequence's columns 0..cols[m] where mask
+//   (sequences x mask_width, 0 = padding; null: all) allows, head i on kv head
+//   i / (heads / kv_heads), softmax(q k^T * scale) v (a prefill's rows of one sequence see
+//   each other's keys: all are written before any attends);
+//   x += att Wo^T; h = norm2(x); x += (silu(h Wg^T) * h Wu^T) Wd^T.
+// w: the 7 weights q, k, v, o, gate, up, down (float32, out x in). ext_a, ext_mask, ext_bt,
+// ext_e: null, or per projection the per-row correction's stacked A (E x in), mask (M x E),
+// scaled B (out x E) and E (0: none), as skinny_linear_corrected takes them.
+extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long kv_heads, long D,
+                                    long I, const float *norm1, const float *norm2, float eps,
+                                    const float *const *w, const float *const *ext_a,
+                                    const float *const *ext_mask, const float *const *ext_bt,
+                                    const long *ext_e, const float *cos, const float *sin,
+                                    float *kcache, float *vcache, long capacity, long length,
+                                    const int64_t *seqs, const int64_t *cols,
+                                    const int64_t *mask, long mask_width, float scale,
+                                    int threads) {
+  if (threads < 1) threads = 1;
+  const long Nq = heads * D, Nk = kv_heads * D, group_size = heads / kv_heads;
+  long L = length + 1;  // the most columns a row attends to
+  if (cols)
+    for (long r = 0; r < M; r++) L = cols[r] + 1 > L ? cols[r] + 1 : L;
+  std::vector<float> h(M * H), q(M * Nq), k(M * Nk), v(M * Nk), att(M * Nq), g(M * I),
+      u(M * I);
+  float *outputs[7] = {q.data(), k.data(), v.data(), x, g.data(), u.data(), x};
+  const long widths[7] = {Nq, Nk, Nk, H, I, I, H};
+  std::vector<float> lows[7];
+  Projection p[7];
+  for (int i = 0; i < 7; i++) {
+    const long E = ext_e ? ext_e[i] : 0;
+    if (E > 0) lows[i].resize(M * E);
+    p[i] = {w[i], outputs[i], widths[i], E > 0 ? ext_a[i] : nullptr,
+            E > 0 ? ext_mask[i] : nullptr, E > 0 ? ext_bt[i] : nullptr, E,
+            E > 0 ? lows[i].data() : nullptr, i == 3 || i == 6};
+  }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    std::vector<float> scores(L);
+    rms_norm_rows(x, norm1, h.data(), M, H, eps);
+    project(h.data(), M, H, p, 3, threads);
+#pragma omp for schedule(static)
+    for (long t = 0; t < M * (heads + kv_heads); t++) {
+      const long m = t / (heads + kv_heads), head = t % (heads + kv_heads);
+      if (head < heads) {
+        rotate(q.data() + m * Nq + head * D, cos + m * D, sin + m * D, D);
+      } else {
+        const long seq = seqs ? seqs[m] : m, col = cols ? cols[m] : length;
+        const long kv = head - heads, at = ((seq * kv_heads + kv) * capacity + col) * D;
+        memcpy(kcache + at, k.data() + m * Nk + kv * D, D * sizeof(float));
+        memcpy(vcache + at, v.data() + m * Nk + kv * D, D * sizeof(float));
+        rotate(kcache + at, cos + m * D, sin + m * D, D);
+      }
+    }
+#pragma omp for schedule(static)
+    for (long t = 0; t < M * heads; t++) {
+      const long m = t / heads, head = t % heads, kv = head / group_size;
+      const long seq = seqs ? seqs[m] : m, L = (cols ? cols[m] : length) + 1;
+      const float *query = q.data() + m * Nq + head * D;
+      const float *keys = kcache + (seq * kv_heads + kv) * capacity * D;
+      const float *values = vcache + (seq * kv_heads + kv) * capacity * D;
+      const int64_t *allowed = mask ? mask + seq * mask_width : nullptr;
+      float best = -INFINITY;
+      for (long c = 0; c < L; c++) {
+        scores[c] = (!allowed || allowed[c]) ? dot(query, keys + c * D, D) * scale : -INFINITY;
+        if (scores[c] > best) best = scores[c];
+      }
+      exps(scores.data(), scores.data(), L, best);
+      float *out = att.data() + m * Nq + head * D;
+      for (long d = 0; d < D; d++) out[d] = 0.0f;
+      float total = 0.0f;
+      for (long c = 0; c < L; c++) {
+        if (allowed && !allowed[c]) continue;  // padding: its weight is 0, whatever it holds
+        const float weight = scores[c];
+        total += weight;
+        const float *value = values + c * D;
+        for (long d = 0; d < D; d++) out[d] += weight * value[d];
+      }
+      const float norm = total > 0.0f ? 1.0f / total : 0.0f;
+      for (long d = 0; d < D; d++) out[d] *= norm;
+    }
+    project(att.data(), M, Nq, p + 3, 1, threads);
+    rms_norm_rows(x, norm2, h.data(), M, H, eps);
+    project(h.data(), M, H, p + 4, 2, threads);
+#pragma omp for schedule(static)
+    for (long j = 0; j < M * I; j += VW) {  // silu(g) * u, M * I a multiple of VW or a rest
+      if (j + VW <= M * I) {
+        const vec a = vload(g.data() + j);
+        const vec e = vexp(vmul(a, vset(-1.0f)));
+        vstore(g.data() + j, vmul(vdiv(a, vadd(e, vset(1.0f))), vload(u.data() + j)));
+      } else {
+        for (long i = j; i < M * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+      }
+    }
+    project(g.data(), M, I, p + 6, 1, threads);
+  }
+}
+
+// The vector exp alone (its test: tests/test_engine_skinny.py): out[i] = e^in[i].
+extern "C" void skinny_exp(const float *in, float *out, long n) { exps(in, out, n, 0.0f); }

@@ -135,14 +135,23 @@ def load(*, folder: Path | None = None, flags: tuple[str, ...] = FLAGS):
                 # x, w, y, M, K, N, threads; the corrected product then a, mask, bt, E
                 product = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
                 corrected = product + [ctypes.c_void_p] * 3 + [ctypes.c_long]
+                # x, M, H, heads, kv_heads, D, I, norm1, norm2, eps, w, ext_a, ext_mask,
+                # ext_bt, ext_e, cos, sin, kcache, vcache, capacity, length, seqs, cols, mask,
+                # mask_width, scale, threads
+                layer = [ctypes.c_void_p] + [ctypes.c_long] * 6 + [ctypes.c_void_p] * 2
+                layer += [ctypes.c_float] + [ctypes.c_void_p] * 9 + [ctypes.c_long] * 2
+                layer += [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_float, ctypes.c_int]
                 for function, argtypes in (
                     (library.skinny_linear, product),
                     (library.skinny_linear_bf16, product),
                     (library.skinny_linear_corrected, corrected),
+                    (library.skinny_decode_layer, layer),
                 ):
                     function.argtypes = argtypes
                     function.restype = None
                 library.skinny_vector_width.restype = ctypes.c_int
+                library.skinny_exp.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long]
+                library.skinny_exp.restype = None
         except (OSError, AttributeError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or exc
             log.info("the skinny product could not be built here (%s): torch's are used", detail)
@@ -241,3 +250,155 @@ def corrector(library, weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch
 
     correct.factors = (a_rows, b_cols)  # their storage outlives the function holding its address
     return correct
+
+
+PROJECTIONS = 7  # a layer's, in the kernel's order: q, k, v, o, gate, up, down
+
+
+def layer_step(
+    library,
+    weights: tuple[torch.Tensor, ...],
+    norms: tuple[torch.Tensor, torch.Tensor],
+    *,
+    eps: float,
+    heads: int,
+    kv_heads: int,
+    scale: float,
+):
+    """A Llama-family layer over one token a row in one call of the kernel, bound once: a
+    function `step(x, cos, sin, keys, values, length, mask, extensions=None, *, where=None)`.
+
+    `weights`: the layer's 7 projection weights (q, k, v, o, gate, up, down; float32, out x in,
+    contiguous, no biases); `norms`: the input and post-attention RMSNorm weights. A step then
+    takes x (rows x hidden, float32, the residual stream: updated in place), cos and sin (rows
+    x head_dim, the rotary embedding of each row's position), the cache buffers `keys` and
+    `values` (sequences x kv_heads x capacity x head_dim, contiguous), the padding `mask`
+    (sequences x columns, int64, 0 = padding; None: every column) and, per projection, None or
+    the per-row LoRA correction `(a_rows, b_cols, mask)` that `corrector` takes.
+
+    A decoding step (`where` None): row i is sequence i, its keys and values written into
+    column `length`, the mask `length + 1` wide. A prefill: `where = (seqs, cols)` (int64,
+    one a row) puts row i's token in sequence seqs[i] at column cols[i]; every row's keys are
+    written before any attends, so a sequence's tokens see each other (causally: row i
+    attends to columns 0..cols[i]). Attention is softmax(q k^T * scale) v over the allowed
+    columns, head i on kv head i // (heads // kv_heads), as transformers computes it (equal
+    within float rounding; tested).
+
+    What is fixed is checked once here; a step checks its inputs' shapes (a wrong one would
+    read or write out of bounds) and reads the weights' addresses at each call, as `product`.
+    """
+    if len(weights) != PROJECTIONS or len(norms) != 2:
+        raise ValueError(f"a layer has {PROJECTIONS} projections and 2 norms")
+    q, k, v, o, gate, up, down = weights
+    hidden, inner = q.shape[1], gate.shape[0]
+    head_dim = q.shape[0] // heads if heads else 0
+    shapes = (
+        (heads * head_dim, hidden), (kv_heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+        (hidden, heads * head_dim), (inner, hidden), (inner, hidden), (hidden, inner),
+    )  # fmt: skip
+    tensors = (*weights, *norms)
+    if (
+        not heads
+        or not kv_heads
+        or heads % kv_heads
+        or head_dim % 2
+        or tuple(tuple(w.shape) for w in weights) != shapes
+        or any(n.shape != (hidden,) for n in norms)
+        or any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu for t in tensors)
+    ):
+        raise ValueError(
+            f"weights {[tuple(w.shape) for w in weights]} with {heads} heads over {kv_heads}: "
+            "not a Llama layer the kernel steps (float32, contiguous, CPU)"
+        )
+    function = library.skinny_decode_layer
+    pointers = ctypes.c_void_p * PROJECTIONS
+
+    def step(x, cos, sin, keys, values, length: int, mask=None, extensions=None, *, where=None):
+        rows = x.shape[0]
+        sequences = rows if where is None else keys.shape[0]
+        cache = (sequences, kv_heads, keys.shape[2] if keys.dim() == 4 else 0, head_dim)
+        width = length + 1 if where is None else _placed(where, rows, sequences, cache[2])
+        if (
+            x.shape != (rows, hidden)
+            or cos.shape != (rows, head_dim)
+            or sin.shape != (rows, head_dim)
+            or keys.shape != cache
+            or values.shape != cache
+            or not 0 <= length < cache[2]
+            or not 0 < width <= cache[2]
+            or (
+                mask is not None
+                and (
+                    mask.dim() != 2
+                    or mask.shape[0] != sequences
+                    or mask.shape[1] < width
+                    or (where is None and mask.shape[1] != width)
+                    or mask.dtype != torch.int64
+                    or not mask.is_contiguous()
+                )
+            )
+            or any(
+                t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu
+                for t in (x, cos, sin, keys, values)
+            )
+        ):
+            raise ValueError(
+                f"rows {tuple(x.shape)}, cos {tuple(cos.shape)}, cache {tuple(keys.shape)} at "
+                f"column {length}: not what this layer's step takes"
+            )
+        ext = (None,) * 4
+        if extensions is not None and any(e is not None for e in extensions):
+            ext = _extensions(extensions, weights, rows)
+        function(
+            x.data_ptr(), rows, hidden, heads, kv_heads, head_dim, inner,
+            norms[0].data_ptr(), norms[1].data_ptr(), eps,
+            pointers(*(w.data_ptr() for w in weights)), *ext,
+            cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), cache[2],
+            length, *(None, None) if where is None else (t.data_ptr() for t in where),
+            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
+            scale, torch.get_num_threads(),
+        )  # fmt: skip
+
+    return step
+
+
+def _placed(where, rows: int, sequences: int, capacity: int) -> int:
+    """The columns a prefill's rows reach (the largest column + 1), after checking `where`
+    (seqs, cols: int64, one a row, within the cache); 0 where it does not fit."""
+    seqs, cols = where
+    if any(t.shape != (rows,) or t.dtype != torch.int64 or not t.is_contiguous() for t in where):
+        return 0
+    if rows == 0 or int(seqs.min()) < 0 or int(seqs.max()) >= sequences or int(cols.min()) < 0:
+        return 0
+    most = int(cols.max()) + 1
+    return most if most <= capacity else 0
+
+
+def _extensions(extensions, weights, rows: int) -> tuple:
+    """The per-projection correction arrays `skinny_decode_layer` takes, checked: (a, mask, bt,
+    E) pointer arrays with a null and 0 for a projection that has none."""
+    if len(extensions) != PROJECTIONS:
+        raise ValueError(f"{len(extensions)} corrections for {PROJECTIONS} projections")
+    a, masks, bt, ranks = [None] * 7, [None] * 7, [None] * 7, [0] * 7
+    for index, (extension, weight) in enumerate(zip(extensions, weights, strict=True)):
+        if extension is None:
+            continue
+        a_rows, b_cols, mask = extension
+        rank = a_rows.shape[0]
+        if (
+            rank % EXTENSION_STEP
+            or a_rows.shape != (rank, weight.shape[1])
+            or b_cols.shape != (weight.shape[0], rank)
+            or mask.shape != (rows, rank)
+            or any(
+                t.dtype != torch.float32 or not t.is_contiguous() for t in (a_rows, b_cols, mask)
+            )
+        ):
+            raise ValueError(
+                f"correction {tuple(a_rows.shape)}, {tuple(b_cols.shape)}, mask "
+                f"{tuple(mask.shape)} does not fit the weight {tuple(weight.shape)}"
+            )
+        a[index], masks[index], bt[index] = a_rows.data_ptr(), mask.data_ptr(), b_cols.data_ptr()
+        ranks[index] = rank
+    pointers = ctypes.c_void_p * PROJECTIONS
+    return pointers(*a), pointers(*masks), pointers(*bt), (ctypes.c_long * PROJECTIONS)(*ranks)
