@@ -148,11 +148,11 @@ def test_the_kernel_layer_step_gives_the_logits_of_the_transformers_forward(
     for batch in batches.values():
         batch.weights_for = lambda keys: weights.mixed(keys, read)
     # two questions of different lengths prefilled together (padding), whole; then one on the
-    # prefix cache; then one of another version (its prefill keeps the transformers forward)
+    # prefix cache; then two of two other versions, corrected in their prefill as in steps
     joins = {
-        0: ([QUESTIONS[0], QUESTIONS[2] * 3], "v0002"),
-        2: ([QUESTIONS[4] * 2], "v0002"),
-        5: ([QUESTIONS[1]], None),
+        0: ([QUESTIONS[0], QUESTIONS[2] * 3], ["v0002", "v0002"]),
+        2: ([QUESTIONS[4] * 2], ["v0002"]),
+        5: ([QUESTIONS[1], QUESTIONS[3] * 2], [None, "v0001"]),
     }
     prefilled = []
     monkeypatch.setattr(
@@ -168,10 +168,10 @@ def test_the_kernel_layer_step_gives_the_logits_of_the_transformers_forward(
                 joined = {}
                 for lean, batch in batches.items():
                     if step in joins:
-                        questions, version = joins[step]
+                        questions, versions = joins[step]
                         ids = [prompt_ids(loaded, question) for question in questions]
                         rows = list(range(len(ids)))
-                        joined[lean] = batch.join(ids, rows, keys=[version] * len(ids))
+                        joined[lean] = batch.join(ids, rows, keys=versions)
                         previous = tokens.get(lean, torch.zeros(0, dtype=torch.long))
                         tokens[lean] = torch.cat([previous, joined[lean].argmax(-1)])
                     if step in (9, 12):  # the first row leaves, then the second
@@ -190,19 +190,56 @@ def test_the_kernel_layer_step_gives_the_logits_of_the_transformers_forward(
     layers = len(model.model.layers)
     steps = [call for call in calls if not call[2]]
     assert len(steps) == 16 * layers  # every step of the lean batch went through the kernel
-    assert {rows for rows, _, _ in steps} == {2, 3, 4}
-    assert any(corrected for _, corrected, _ in steps)  # rows on the base corrected
-    assert not all(corrected for _, corrected, _ in steps)  # and none once they left
-    # the first two prefills through the kernel (only their real tokens: no padding rows),
-    # the third (a row of another version) through the transformers forward
-    lengths = [
-        [len(prompt_ids(loaded, q)) for q in joins[0][0]],
-        [len(prompt_ids(loaded, QUESTIONS[4] * 2)) - 5],
+    assert {rows for rows, _, _ in steps} == {2, 3, 4, 5}
+    assert any(corrected for _, corrected, _ in steps)  # rows of other versions corrected
+    assert not all(corrected for _, corrected, _ in steps)  # and none before they came
+    # every prefill through the kernel, only their real tokens (no padding rows): the first
+    # whole, the others after the 5 tokens of the prefix; the last one's rows corrected
+    skipped = {0: 0, 2: 5, 5: 5}
+    tokens_of = [
+        sum(len(prompt_ids(loaded, q)) - skipped[step] for q in joins[step][0]) for step in joins
     ]
-    assert [rows for rows, _, where in calls if where] == [sum(lengths[0])] * layers + [
-        sum(lengths[1])
-    ] * layers
-    assert prefilled == [True, True, False]
+    prefills = [(rows, corrected) for rows, corrected, where in calls if where]
+    assert prefills == [
+        (tokens, step == 5) for tokens, step in zip(tokens_of, joins, strict=True)
+        for _ in range(layers)
+    ]  # fmt: skip
+    assert prefilled == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim",
+    [(6, 2, 24), (8, 8, 32), (4, 1, 64), (9, 3, 64)],  # 24: no whole vector; 9/3: SmolLM2's
+)
+def test_the_kernel_layer_step_takes_any_head_shape(library, heads, kv_heads, head_dim):
+    """Head groups of 1-4 heads and head sizes a vector does or does not divide (the kernel's
+    grouped attention or its general loop): prefill and steps through the kernel against the
+    transformers forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bot.engine import kernels
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=heads * head_dim, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(heads * head_dim)
+    model = LlamaForCausalLM(config).eval()
+    kernels.install(model, library=library)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (7, 19, 12)]
+    logits = {}
+    with torch.inference_mode():
+        for lean in (True, False):
+            batch = DecodeBatch(model, pad_id=0, device="cpu", lean=lean)
+            out = [batch.join(prompts[:2], [0, 1])]
+            for step in range(6):
+                if step == 2:
+                    out.append(batch.join(prompts[2:], [2]))
+                out.append(batch.step(torch.cat(out[-2:] if step == 2 else out[-1:]).argmax(-1)))
+            logits[lean] = out
+    for got, expected in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def counting(join_group, prefilled: list, batch):

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -280,6 +281,99 @@ static void rms_norm_rows(const float *x, const float *weight, float *out, long 
   }
 }
 
+// Attention of the G query heads that share one kv head, for one row (heads of DV vectors):
+// each key and value is read once for all G, and the G outputs are summed in registers.
+// query and out: the G heads side by side; scores: G x L scratch.
+template <int G, int DV>
+static void attend_group(const float *query, const float *keys, const float *values,
+                         const int64_t *allowed, long L, float scale, float *scores,
+                         float *out) {
+  constexpr long D = DV * VW;
+  vec qv[G][DV];
+  float best[G];
+#pragma GCC unroll 8
+  for (int g = 0; g < G; g++) {
+    best[g] = -INFINITY;
+#pragma GCC unroll 8
+    for (int i = 0; i < DV; i++) qv[g][i] = vload(query + g * D + i * VW);
+  }
+  for (long c = 0; c < L; c++) {
+    if (allowed && !allowed[c]) continue;  // padding: never read (see below)
+    vec kv[DV];
+#pragma GCC unroll 8
+    for (int i = 0; i < DV; i++) kv[i] = vload(keys + c * D + i * VW);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+      vec acc = vmul(qv[g][0], kv[0]);
+#pragma GCC unroll 8
+      for (int i = 1; i < DV; i++) acc = vfma(qv[g][i], kv[i], acc);
+      const float score = vsum(acc) * scale;
+      scores[g * L + c] = score;
+      best[g] = score > best[g] ? score : best[g];
+    }
+  }
+  for (int g = 0; g < G; g++) exps(scores + g * L, scores + g * L, L, best[g]);
+  vec acc[G][DV];
+  float total[G];
+#pragma GCC unroll 8
+  for (int g = 0; g < G; g++) {
+    total[g] = 0.0f;
+#pragma GCC unroll 8
+    for (int i = 0; i < DV; i++) acc[g][i] = vzero();
+  }
+  for (long c = 0; c < L; c++) {
+    if (allowed && !allowed[c]) continue;  // padding: its weight is 0, whatever it holds
+    vec vv[DV];
+#pragma GCC unroll 8
+    for (int i = 0; i < DV; i++) vv[i] = vload(values + c * D + i * VW);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+      const float weight = scores[g * L + c];
+      total[g] += weight;
+      const vec w = vset(weight);
+#pragma GCC unroll 8
+      for (int i = 0; i < DV; i++) acc[g][i] = vfma(w, vv[i], acc[g][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < G; g++) {
+    const vec norm = vset(total[g] > 0.0f ? 1.0f / total[g] : 0.0f);
+#pragma GCC unroll 8
+    for (int i = 0; i < DV; i++) vstore(out + g * D + i * VW, vmul(acc[g][i], norm));
+  }
+}
+
+typedef void (*attend_fn)(const float *, const float *, const float *, const int64_t *, long,
+                          float, float *, float *);
+
+template <int G>
+static attend_fn attend_with(long DV) {
+  switch (DV) {
+    case 1: return attend_group<G, 1>;
+    case 2: return attend_group<G, 2>;
+    case 4: return attend_group<G, 4>;
+    case 8: return attend_group<G, 8>;
+    default: return nullptr;
+  }
+}
+
+// The grouped attention for G query heads a kv head and head_dim D, where one is built
+// (G <= 8, D = 1, 2, 4 or 8 vectors); null: the general loop, one head at a time.
+static attend_fn attend_for(long G, long D) {
+  if (D % VW) return nullptr;
+  switch (G) {
+    case 1: return attend_with<1>(D / VW);
+    case 2: return attend_with<2>(D / VW);
+    case 3: return attend_with<3>(D / VW);
+    case 4: return attend_with<4>(D / VW);
+    case 5: return attend_with<5>(D / VW);
+    case 6: return attend_with<6>(D / VW);
+    case 7: return attend_with<7>(D / VW);
+    case 8: return attend_with<8>(D / VW);
+    default: return nullptr;
+  }
+}
+
 // One projection of the layer: y (M x N) = in W^T (+ y if accumulate), and where E > 0 the
 // per-row LoRA correction as in skinny_linear_corrected (low: M x E scratch).
 struct Projection {
@@ -351,9 +445,12 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
   long L = length + 1;  // the most columns a row attends to
   if (cols)
     for (long r = 0; r < M; r++) L = cols[r] + 1 > L ? cols[r] + 1 : L;
-  std::vector<float> h(M * H), q(M * Nq), k(M * Nk), v(M * Nk), att(M * Nq), g(M * I),
-      u(M * I);
-  float *outputs[7] = {q.data(), k.data(), v.data(), x, g.data(), u.data(), x};
+  // scratch, left uninitialised (every value is written before it is read): a prefill's
+  // 150 tokens zeroed ~2.5 MB a layer for nothing
+  std::unique_ptr<float[]> scratch(new float[M * (H + 2 * Nq + 2 * Nk + 2 * I)]);
+  float *h = scratch.get(), *q = h + M * H, *k = q + M * Nq, *v = k + M * Nk, *att = v + M * Nk;
+  float *g = att + M * Nq, *u = g + M * I;
+  float *outputs[7] = {q, k, v, x, g, u, x};
   const long widths[7] = {Nq, Nk, Nk, H, I, I, H};
   std::vector<float> lows[7];
   Projection p[7];
@@ -364,29 +461,41 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
             E > 0 ? ext_mask[i] : nullptr, E > 0 ? ext_bt[i] : nullptr, E,
             E > 0 ? lows[i].data() : nullptr, i == 3 || i == 6};
   }
+  const attend_fn grouped = attend_for(group_size, D);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<float> scores(L);
-    rms_norm_rows(x, norm1, h.data(), M, H, eps);
-    project(h.data(), M, H, p, 3, threads);
+    std::vector<float> scores(L * group_size);
+    rms_norm_rows(x, norm1, h, M, H, eps);
+    project(h, M, H, p, 3, threads);
 #pragma omp for schedule(static)
     for (long t = 0; t < M * (heads + kv_heads); t++) {
       const long m = t / (heads + kv_heads), head = t % (heads + kv_heads);
       if (head < heads) {
-        rotate(q.data() + m * Nq + head * D, cos + m * D, sin + m * D, D);
+        rotate(q + m * Nq + head * D, cos + m * D, sin + m * D, D);
       } else {
         const long seq = seqs ? seqs[m] : m, col = cols ? cols[m] : length;
         const long kv = head - heads, at = ((seq * kv_heads + kv) * capacity + col) * D;
-        memcpy(kcache + at, k.data() + m * Nk + kv * D, D * sizeof(float));
-        memcpy(vcache + at, v.data() + m * Nk + kv * D, D * sizeof(float));
+        memcpy(kcache + at, k + m * Nk + kv * D, D * sizeof(float));
+        memcpy(vcache + at, v + m * Nk + kv * D, D * sizeof(float));
         rotate(kcache + at, cos + m * D, sin + m * D, D);
       }
     }
+    if (grouped) {
+#pragma omp for schedule(static)
+      for (long t = 0; t < M * kv_heads; t++) {
+        const long m = t / kv_heads, kv = t % kv_heads;
+        const long seq = seqs ? seqs[m] : m, at = (seq * kv_heads + kv) * capacity * D;
+        const long first = m * Nq + kv * group_size * D;  // the group's heads, side by side
+        grouped(q + first, kcache + at, vcache + at,
+                mask ? mask + seq * mask_width : nullptr, (cols ? cols[m] : length) + 1, scale,
+                scores.data(), att + first);
+      }
+    } else {
 #pragma omp for schedule(static)
     for (long t = 0; t < M * heads; t++) {
       const long m = t / heads, head = t % heads, kv = head / group_size;
       const long seq = seqs ? seqs[m] : m, L = (cols ? cols[m] : length) + 1;
-      const float *query = q.data() + m * Nq + head * D;
+      const float *query = q + m * Nq + head * D;
       const float *keys = kcache + (seq * kv_heads + kv) * capacity * D;
       const float *values = vcache + (seq * kv_heads + kv) * capacity * D;
       const int64_t *allowed = mask ? mask + seq * mask_width : nullptr;
@@ -396,7 +505,7 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
         if (scores[c] > best) best = scores[c];
       }
       exps(scores.data(), scores.data(), L, best);
-      float *out = att.data() + m * Nq + head * D;
+      float *out = att + m * Nq + head * D;
       for (long d = 0; d < D; d++) out[d] = 0.0f;
       float total = 0.0f;
       for (long c = 0; c < L; c++) {
@@ -409,20 +518,21 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
       const float norm = total > 0.0f ? 1.0f / total : 0.0f;
       for (long d = 0; d < D; d++) out[d] *= norm;
     }
-    project(att.data(), M, Nq, p + 3, 1, threads);
-    rms_norm_rows(x, norm2, h.data(), M, H, eps);
-    project(h.data(), M, H, p + 4, 2, threads);
+    }
+    project(att, M, Nq, p + 3, 1, threads);
+    rms_norm_rows(x, norm2, h, M, H, eps);
+    project(h, M, H, p + 4, 2, threads);
 #pragma omp for schedule(static)
     for (long j = 0; j < M * I; j += VW) {  // silu(g) * u, M * I a multiple of VW or a rest
       if (j + VW <= M * I) {
-        const vec a = vload(g.data() + j);
+        const vec a = vload(g + j);
         const vec e = vexp(vmul(a, vset(-1.0f)));
-        vstore(g.data() + j, vmul(vdiv(a, vadd(e, vset(1.0f))), vload(u.data() + j)));
+        vstore(g + j, vmul(vdiv(a, vadd(e, vset(1.0f))), vload(u + j)));
       } else {
         for (long i = j; i < M * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
       }
     }
-    project(g.data(), M, I, p + 6, 1, threads);
+    project(g, M, I, p + 6, 1, threads);
   }
 }
 
