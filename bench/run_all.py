@@ -41,7 +41,14 @@ LIMITS = {
         "Xeon. On an AVX-512 EPYC (6 Dec) 1.47-1.51x: there the kernel's 8-row pass costs only "
         "1.2x its 1-row pass over the weights (28 against 23 ms), single answers are the fastest "
         "measured (~30 tokens/s), and what grows with the rows is the rest: attention over 8 "
-        "caches and the 8 tails' prefill (compute-bound); bf16 1.69-1.77x there"
+        "caches and the 8 tails' prefill (compute-bound); bf16 1.69-1.77x there. Since each "
+        "layer runs as one kernel call (skinny_decode_layer) and prefills go through the "
+        "kernel (it beat MKL 1.3-1.6x at 64-256 rows there), single answers got faster by as "
+        "much as 8 (~40 tokens/s), so the ratio stays near the goal: 1.48-1.51x in two runs, "
+        "1.4-1.8x between rounds of one. Per step, 8 rows cost 1.2x one (the products 21.1 "
+        "against 18.1 ms over the layers, lm_head and ~1 ms of Python alike); the 8 tails' "
+        "prefill (147 tokens, ~0.2 s, 0.17 of it products at ~180 GFLOP/s) against one "
+        "tail's 0.045 s is what is left, and it is compute"
     ),
     "decode": (
         "float32: the skinny kernel and the lean decoding step (bot/engine/decoding.py) read the "
@@ -59,14 +66,22 @@ LIMITS = {
         "15.5 and 26.6 GB/s copied in two runs an hour apart, while a batch-1 step (~33 ms) "
         "spends ~23 ms in the products (the kernel over the weights alone: 23 GB/s read) and "
         "~10 in attention, norms, RoPE and the Python around 211 products, which no bandwidth "
-        "moves: 61-101 % of the limit, bf16 40-59 %. Fewer, fused calls a layer (q/k/v and "
-        "gate/up as one product each) or a compiled step would move it"
+        "moves: 61-101 % of the limit, bf16 40-59 %. Each layer is now one kernel call "
+        "(skinny_decode_layer: norms, products, RoPE, cache write, attention, SiLU in one "
+        "parallel region): a batch-1 step takes ~25 ms, of which the layers' products 18 and "
+        "lm_head 4.5; 74-123 % of the limit (38.5-41 tokens/s against a copy of 17.5-27.9 GB/s). "
+        "bf16 keeps the torch ops between the products (its caches and residual stream are "
+        "bf16; the layer step is float32 only): 36-54 % there"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "
         "with fewer threads, but a decode step still competes for the cores and memory bandwidth"
     ),
-    "adapter": "noise between alternating runs: merged weights make the same computation",
+    "adapter": (
+        "noise between the runs of a round: merged weights make the same computation (the same "
+        "code gave 1.08, 1.02, 0.98 and 1.03 in four runs on the AVX-512 EPYC, 6 Dec; rounds "
+        "of one run spread 0.92-1.08)"
+    ),
     "swaps": (
         "rows of each version decode side by side (a per-row LoRA correction) and the new "
         "version is merged only once every row is on it, so a run of 10 swaps in 50 questions "
@@ -78,13 +93,16 @@ LIMITS = {
         "costs +5-9 % (each row's own prefix and the correction's three torch ops a layer). "
         "What is left is noise of the same size: one run's rounds spread by +-5-8 %. Figures: "
         "0.85-0.91 on the AVX2 EPYC, 0.86-0.88 on a Xeon, 0.87-0.90 on the AVX-512 EPYC before "
-        "the calls were bound and 0.93-0.95 since"
+        "the calls were bound and 0.93-0.95 since; 0.90-0.91 once each layer became one kernel "
+        "call (mixed steps and admissions ride on it too, the factors streamed as before), "
+        "whose rounds spread 0.82-0.97"
     ),
     "memory": (
         "torch's runtime (libtorch, MKL, the tokenizer, Python: 0.5-0.67 GB, the more on the "
         "AVX-512 Xeon) does not shrink with the weights: in bf16 the weights halve and the "
-        "ratio grows (2.96x on the AVX2 EPYC, 3.51x on the Xeon) though the process is "
-        "smaller; loading also peaks higher (float32 file cast to bf16)"
+        "ratio grows (2.96x on the AVX2 EPYC, 3.51x on the Xeon, 3.14-3.80x on the AVX-512 "
+        "EPYC) though the process is smaller; loading also peaks higher (float32 file cast to "
+        "bf16)"
     ),
     "ack": "the listener threads share the 2 cores with the decoding engine",
 }
@@ -181,10 +199,12 @@ def main() -> None:
             ),
             (
                 "adapter",
-                "2. per-token time, active adapter (merged) ÷ base model "
-                f"(unmerged PEFT, for reference: {a['peft_unmerged_ratio']:.2f}×)",
+                "2. per-token time, active adapter (merged) ÷ base model, the median of 5 "
+                "rounds' ratios, each round's runs side by side (unmerged PEFT, for reference: "
+                f"{a['peft_unmerged_ratio']:.2f}×)",
                 "≤ 1.05×",
-                f"{a['ratio']:.3f}× ({a['merged_ms']:.1f} ÷ {a['base_ms']:.1f} ms)",
+                f"{a['ratio']:.3f}× ({a['merged_ms']:.1f} ÷ {a['base_ms']:.1f} ms; "
+                f"{_span(a.get('ratios'))})",
                 a["ratio"] <= 1.05,
             ),
             decode_row,
