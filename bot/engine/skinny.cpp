@@ -96,7 +96,7 @@ static inline float scalar(uint16_t v) {
 // the factors streamed with the weights instead of read cold by separate small products.
 template <int R, int G, typename T>
 static inline void group(const float *x, const T *w, float *y, long K, long N, const float *low,
-                         const float *bt, long E, bool accumulate) {
+                         const float *bt, long E, bool accumulate, const float *scale) {
   const long kv = K - K % VW;
   vec acc[G][R];
 #pragma GCC unroll 16
@@ -137,6 +137,7 @@ static inline void group(const float *x, const T *w, float *y, long K, long N, c
     for (int m = 0; m < R; m++) {
       float s = vsum(acc[j][m]);
       for (long k = kv; k < K; k++) s += scalar(w[j * K + k]) * x[m * K + k];
+      if (scale) s *= scale[m * N + j];
       y[m * N + j] = accumulate ? y[m * N + j] + s : s;
     }
 }
@@ -144,22 +145,26 @@ static inline void group(const float *x, const T *w, float *y, long K, long N, c
 // The last M < MR rows of x: one pass of a group sized for exactly M rows (R counts down to it).
 template <int R, int G, typename T>
 static inline void rest(const float *x, const T *w, float *y, long M, long K, long N,
-                        const float *low, const float *bt, long E, bool accumulate) {
+                        const float *low, const float *bt, long E, bool accumulate,
+                        const float *scale) {
   if constexpr (R > 0) {
     if (M == R)
-      group<R, G, T>(x, w, y, K, N, low, bt, E, accumulate);
+      group<R, G, T>(x, w, y, K, N, low, bt, E, accumulate, scale);
     else
-      rest<R - 1, G, T>(x, w, y, M, K, N, low, bt, E, accumulate);
+      rest<R - 1, G, T>(x, w, y, M, K, N, low, bt, E, accumulate, scale);
   }
 }
 
 template <int G, typename T>
 static void rows_of_group(const float *x, const T *w, float *y, long M, long K, long N,
-                          const float *low, const float *bt, long E, bool accumulate) {
+                          const float *low, const float *bt, long E, bool accumulate,
+                          const float *scale) {
   long m = 0;
   for (; m + MR <= M; m += MR)
-    group<MR, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E, accumulate);
-  rest<MR - 1, G, T>(x + m * K, w, y + m * N, M - m, K, N, low + m * E, bt, E, accumulate);
+    group<MR, G, T>(x + m * K, w, y + m * N, K, N, low + m * E, bt, E, accumulate,
+                    scale ? scale + m * N : nullptr);
+  rest<MR - 1, G, T>(x + m * K, w, y + m * N, M - m, K, N, low + m * E, bt, E, accumulate,
+                     scale ? scale + m * N : nullptr);
 }
 
 extern "C" int skinny_vector_width(void) { return VW; }
@@ -167,11 +172,12 @@ extern "C" int skinny_vector_width(void) { return VW; }
 // The chunks of one product, shared among the threads of the enclosing parallel region (run
 // alone, outside one, it is the whole product on this thread). No barrier at its end: the
 // region's own end is one, and a caller that reads y inside the region puts one itself.
-// `accumulate`: y += x W^T (a residual add in the same pass) instead of y = x W^T.
+// `accumulate`: y += x W^T (a residual add in the same pass) instead of y = x W^T. `scale`
+// (M x N, or null): each sum multiplied by its entry before it is stored (a LoRA mask).
 template <typename T>
 static void product_tasks(const float *x, const T *w, float *y, long M, long K, long N,
                           int threads, const float *low, const float *bt, long E,
-                          bool accumulate = false) {
+                          bool accumulate = false, const float *scale = nullptr) {
   // chunks of whole groups, about four a thread (k and v projections have few rows)
   long chunk = (N + threads * 4 - 1) / (threads * 4);
   chunk = (chunk + NW - 1) / NW * NW;
@@ -183,9 +189,11 @@ static void product_tasks(const float *x, const T *w, float *y, long M, long K, 
     const long n1 = (t + 1) * chunk < N ? (t + 1) * chunk : N;
     long n = t * chunk;
     for (; n + NW <= n1; n += NW)
-      rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate);
+      rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate,
+                           scale ? scale + n : nullptr);
     for (; n < n1; n++)
-      rows_of_group<1, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate);
+      rows_of_group<1, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate,
+                          scale ? scale + n : nullptr);
   }
 }
 
@@ -392,16 +400,12 @@ static void project(const float *in, long M, long K, const Projection *p, int co
                     int threads) {
   bool corrected = false;
   for (int i = 0; i < count; i++) corrected = corrected || p[i].E > 0;
-  if (corrected) {
+  if (corrected) {  // low = (in A^T) * mask, the mask applied as each sum is stored
     for (int i = 0; i < count; i++)
       if (p[i].E > 0)
-        product_tasks<float>(in, p[i].a, p[i].low, M, K, p[i].E, threads, nullptr, nullptr, 0);
+        product_tasks<float>(in, p[i].a, p[i].low, M, K, p[i].E, threads, nullptr, nullptr, 0,
+                             false, p[i].mask);
 #pragma omp barrier
-    for (int i = 0; i < count; i++)
-      if (p[i].E > 0) {
-#pragma omp for schedule(static)
-        for (long j = 0; j < M * p[i].E; j++) p[i].low[j] *= p[i].mask[j];
-      }
   }
   for (int i = 0; i < count; i++)
     product_tasks<float>(in, p[i].w, p[i].y, M, K, p[i].N, threads,

@@ -316,6 +316,7 @@ def layer_step(
         )
     function = library.skinny_decode_layer
     pointers = ctypes.c_void_p * PROJECTIONS
+    bound: dict = {}  # the corrections' factors, checked once (`_Factors`)
 
     def step(x, cos, sin, keys, values, length: int, mask=None, extensions=None, *, where=None):
         rows = x.shape[0]
@@ -352,7 +353,7 @@ def layer_step(
             )
         ext = (None,) * 4
         if extensions is not None and any(e is not None for e in extensions):
-            ext = _extensions(extensions, weights, rows)
+            ext = _extensions(extensions, weights, rows, bound)
         function(
             x.data_ptr(), rows, hidden, heads, kv_heads, head_dim, inner,
             norms[0].data_ptr(), norms[1].data_ptr(), eps,
@@ -378,31 +379,64 @@ def _placed(where, rows: int, sequences: int, capacity: int) -> int:
     return most if most <= capacity else 0
 
 
-def _extensions(extensions, weights, rows: int) -> tuple:
+class _Factors:
+    """A layer's correction factors checked and their pointer arrays built once (a mix keeps
+    the same factors over many steps; checking 7 of them at every layer of every step cost
+    ~2 ms a step). Only the masks, new at each step, are checked and set per call."""
+
+    kept = 4  # factor sets kept per layer (a swap's mix, and the few before it)
+
+    def __init__(self, factors, weights) -> None:
+        pointers = ctypes.c_void_p * PROJECTIONS
+        self.factors = factors  # held: their ids key the cache, their storage the kernel reads
+        self.ranks = [0] * PROJECTIONS
+        a, bt = [None] * PROJECTIONS, [None] * PROJECTIONS
+        for index, (pair, weight) in enumerate(zip(factors, weights, strict=True)):
+            if pair is None:
+                continue
+            a_rows, b_cols = pair
+            rank = a_rows.shape[0]
+            if (
+                rank % EXTENSION_STEP
+                or a_rows.shape != (rank, weight.shape[1])
+                or b_cols.shape != (weight.shape[0], rank)
+                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in pair)
+            ):
+                raise ValueError(
+                    f"correction {tuple(a_rows.shape)}, {tuple(b_cols.shape)} does not fit "
+                    f"the weight {tuple(weight.shape)}"
+                )
+            a[index], bt[index], self.ranks[index] = a_rows.data_ptr(), b_cols.data_ptr(), rank
+        self.a, self.bt = pointers(*a), pointers(*bt)
+        self.e = (ctypes.c_long * PROJECTIONS)(*self.ranks)
+
+    def arrays(self, masks, rows: int) -> tuple:
+        pointers = []
+        for mask, rank in zip(masks, self.ranks, strict=True):
+            if not rank:
+                pointers.append(None)
+                continue
+            if (
+                mask.shape != (rows, rank)
+                or mask.dtype != torch.float32
+                or not mask.is_contiguous()
+            ):
+                raise ValueError(f"a mask {tuple(mask.shape)} for {rows} rows of rank {rank}")
+            pointers.append(mask.data_ptr())
+        return self.a, (ctypes.c_void_p * PROJECTIONS)(*pointers), self.bt, self.e
+
+
+def _extensions(extensions, weights, rows: int, bound: dict) -> tuple:
     """The per-projection correction arrays `skinny_decode_layer` takes, checked: (a, mask, bt,
-    E) pointer arrays with a null and 0 for a projection that has none."""
+    E) pointer arrays with a null and 0 for a projection that has none. `bound`: the step's
+    `_Factors` by the factors' ids."""
     if len(extensions) != PROJECTIONS:
         raise ValueError(f"{len(extensions)} corrections for {PROJECTIONS} projections")
-    a, masks, bt, ranks = [None] * 7, [None] * 7, [None] * 7, [0] * 7
-    for index, (extension, weight) in enumerate(zip(extensions, weights, strict=True)):
-        if extension is None:
-            continue
-        a_rows, b_cols, mask = extension
-        rank = a_rows.shape[0]
-        if (
-            rank % EXTENSION_STEP
-            or a_rows.shape != (rank, weight.shape[1])
-            or b_cols.shape != (weight.shape[0], rank)
-            or mask.shape != (rows, rank)
-            or any(
-                t.dtype != torch.float32 or not t.is_contiguous() for t in (a_rows, b_cols, mask)
-            )
-        ):
-            raise ValueError(
-                f"correction {tuple(a_rows.shape)}, {tuple(b_cols.shape)}, mask "
-                f"{tuple(mask.shape)} does not fit the weight {tuple(weight.shape)}"
-            )
-        a[index], masks[index], bt[index] = a_rows.data_ptr(), mask.data_ptr(), b_cols.data_ptr()
-        ranks[index] = rank
-    pointers = ctypes.c_void_p * PROJECTIONS
-    return pointers(*a), pointers(*masks), pointers(*bt), (ctypes.c_long * PROJECTIONS)(*ranks)
+    key = tuple(None if e is None else (id(e[0]), id(e[1])) for e in extensions)
+    factors = bound.get(key)
+    if factors is None:
+        factors = _Factors([None if e is None else e[:2] for e in extensions], weights)
+        while len(bound) >= _Factors.kept:
+            bound.pop(next(iter(bound)))
+        bound[key] = factors
+    return factors.arrays([None if e is None else e[2] for e in extensions], rows)
