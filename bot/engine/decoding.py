@@ -535,9 +535,6 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        views = getattr(self, "_views", None)
-        if views is None or views[0] is not self.keys or views[1] is not self.values:
-            self._buffers = None  # new contents from outside: copied into new buffers
         length = self.keys.shape[-2] if self.keys.numel() else 0
         buffers = self._room(length, length + key_states.shape[-2], key_states)
         buffers[0][:, :, length:].copy_(key_states)

@@ -25,7 +25,9 @@ a multiple of 16 rank columns, extend each weight row's dot product and stream w
 As three torch ops with factors read cold after the weights streamed through, it cost +13 % an
 8-row step; in the kernel +8 % (Xeon, 29 Nov 2026), of which about a third was Python: the
 checks and argument list a call rebuilt (+1.1 ms a step, AVX-512 EPYC, 6 Dec 2026), now bound
-once, which left +0-4 % an 8-row step.
+once, which left +0-4 % an 8-row step. Since each layer of a step is one kernel call (`extension`
+hands it the factors) the plain step has shed its torch ops, and a mixed 8-row step measures
++4-12 % over a plain one there: the factors' bytes and sums.
 
 A float32 swap is one pass over each targeted weight, `W += D_new - D_old`; the round trips
 leave an error of a few ulp (measured < 1e-6 absolute), far below what changes a greedy token.

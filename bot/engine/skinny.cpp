@@ -215,27 +215,6 @@ extern "C" void skinny_linear_bf16(const float *x, const uint16_t *w, float *y, 
   product<uint16_t>(x, w, y, M, K, N, threads, nullptr, nullptr, 0);
 }
 
-// y = x W^T + ((x a^T) * mask) bt^T, the engine's per-row LoRA correction of a decoding step
-// in one call: a (E x K) the stacked A factors, mask (M x E) which of their columns apply to
-// which row, bt (N x E) the stacked, scaled B factors; E a multiple of skinny_vector_width().
-// The low-rank product is a small product of its own (E outputs), then each of the weight's
-// dot products goes on over its E columns, the factors streamed with the weight.
-extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y, long M, long K,
-                                        long N, int threads, const float *a, const float *mask,
-                                        const float *bt, long E) {
-  if (threads < 1) threads = 1;
-  float *low = new float[M * E];
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    product_tasks<float>(x, a, low, M, K, E, threads, nullptr, nullptr, 0);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (long i = 0; i < M * E; i++) low[i] *= mask[i];  // then a barrier
-    product_tasks<float>(x, w, y, M, K, N, threads, low, bt, E);
-  }
-  delete[] low;
-}
-
 // ---- One decoding step of a Llama-family layer, in one call (bot/engine/decoding.py) ----
 //
 // The products above are most of a step's time, but between them a step through torch ran
@@ -351,6 +330,30 @@ static void attend_group(const float *query, const float *keys, const float *val
   }
 }
 
+// Attention of one query head of any size D (where no grouped form is built): the scores
+// through `dot`, one head at a time. scores: L scratch.
+static void attend_head(const float *query, const float *keys, const float *values,
+                        const int64_t *allowed, long L, long D, float scale, float *scores,
+                        float *out) {
+  float best = -INFINITY;
+  for (long c = 0; c < L; c++) {
+    scores[c] = (!allowed || allowed[c]) ? dot(query, keys + c * D, D) * scale : -INFINITY;
+    if (scores[c] > best) best = scores[c];
+  }
+  exps(scores, scores, L, best);
+  for (long d = 0; d < D; d++) out[d] = 0.0f;
+  float total = 0.0f;
+  for (long c = 0; c < L; c++) {
+    if (allowed && !allowed[c]) continue;  // padding: its weight is 0, whatever it holds
+    const float weight = scores[c];
+    total += weight;
+    const float *value = values + c * D;
+    for (long d = 0; d < D; d++) out[d] += weight * value[d];
+  }
+  const float norm = total > 0.0f ? 1.0f / total : 0.0f;
+  for (long d = 0; d < D; d++) out[d] *= norm;
+}
+
 typedef void (*attend_fn)(const float *, const float *, const float *, const int64_t *, long,
                           float, float *, float *);
 
@@ -366,7 +369,7 @@ static attend_fn attend_with(long DV) {
 }
 
 // The grouped attention for G query heads a kv head and head_dim D, where one is built
-// (G <= 8, D = 1, 2, 4 or 8 vectors); null: the general loop, one head at a time.
+// (G <= 8, D = 1, 2, 4 or 8 vectors); null: `attend_head`, one head at a time.
 static attend_fn attend_for(long G, long D) {
   if (D % VW) return nullptr;
   switch (G) {
@@ -411,6 +414,22 @@ static void project(const float *in, long M, long K, const Projection *p, int co
     product_tasks<float>(in, p[i].w, p[i].y, M, K, p[i].N, threads,
                          p[i].E > 0 ? p[i].low : nullptr, p[i].bt, p[i].E, p[i].accumulate);
 #pragma omp barrier
+}
+
+// y = x W^T + ((x a^T) * mask) bt^T, the engine's per-row LoRA correction of a decoding step
+// in one call: a (E x K) the stacked A factors, mask (M x E) which of their columns apply to
+// which row, bt (N x E) the stacked, scaled B factors; E a multiple of skinny_vector_width().
+// The low-rank product is a small product of its own (E outputs), then each of the weight's
+// dot products goes on over its E columns, the factors streamed with the weight: one
+// projection of the layer step's `project`.
+extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y, long M, long K,
+                                        long N, int threads, const float *a, const float *mask,
+                                        const float *bt, long E) {
+  if (threads < 1) threads = 1;
+  std::unique_ptr<float[]> low(new float[M * E]);
+  const Projection p = {w, y, N, a, mask, bt, E, low.get(), false};
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  project(x, M, K, &p, 1, threads);
 }
 
 // Rotary embedding of one head in place, as transformers' `q * cos + rotate_half(q) * sin`.
@@ -496,32 +515,13 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
       }
     } else {
 #pragma omp for schedule(static)
-    for (long t = 0; t < M * heads; t++) {
-      const long m = t / heads, head = t % heads, kv = head / group_size;
-      const long seq = seqs ? seqs[m] : m, L = (cols ? cols[m] : length) + 1;
-      const float *query = q + m * Nq + head * D;
-      const float *keys = kcache + (seq * kv_heads + kv) * capacity * D;
-      const float *values = vcache + (seq * kv_heads + kv) * capacity * D;
-      const int64_t *allowed = mask ? mask + seq * mask_width : nullptr;
-      float best = -INFINITY;
-      for (long c = 0; c < L; c++) {
-        scores[c] = (!allowed || allowed[c]) ? dot(query, keys + c * D, D) * scale : -INFINITY;
-        if (scores[c] > best) best = scores[c];
+      for (long t = 0; t < M * heads; t++) {
+        const long m = t / heads, head = t % heads, kv = head / group_size;
+        const long seq = seqs ? seqs[m] : m, at = (seq * kv_heads + kv) * capacity * D;
+        attend_head(q + m * Nq + head * D, kcache + at, vcache + at,
+                    mask ? mask + seq * mask_width : nullptr, (cols ? cols[m] : length) + 1, D,
+                    scale, scores.data(), att + m * Nq + head * D);
       }
-      exps(scores.data(), scores.data(), L, best);
-      float *out = att + m * Nq + head * D;
-      for (long d = 0; d < D; d++) out[d] = 0.0f;
-      float total = 0.0f;
-      for (long c = 0; c < L; c++) {
-        if (allowed && !allowed[c]) continue;  // padding: its weight is 0, whatever it holds
-        const float weight = scores[c];
-        total += weight;
-        const float *value = values + c * D;
-        for (long d = 0; d < D; d++) out[d] += weight * value[d];
-      }
-      const float norm = total > 0.0f ? 1.0f / total : 0.0f;
-      for (long d = 0; d < D; d++) out[d] *= norm;
-    }
     }
     project(att, M, Nq, p + 3, 1, threads);
     rms_norm_rows(x, norm2, h, M, H, eps);

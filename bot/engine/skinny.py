@@ -223,20 +223,9 @@ def corrector(library, weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch
     41 ms step at 8 rows; AVX-512 EPYC, 6 Dec 2026). The factors' addresses are bound (the
     function keeps them); the weight's is read at each call, as `product` does.
     """
+    _check_factors(weight, a_rows, b_cols)
     rank, width = a_rows.shape
     out_features = weight.shape[0]
-    tensors = (weight, a_rows, b_cols)
-    if (
-        rank % EXTENSION_STEP
-        or weight.shape[1] != width
-        or b_cols.shape != (out_features, rank)
-        or any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors)
-    ):
-        raise ValueError(
-            f"factors {tuple(a_rows.shape)}, {tuple(b_cols.shape)} do not fit the weight "
-            f"{tuple(weight.shape)} (float32, contiguous, the rank a multiple of "
-            f"{EXTENSION_STEP})"
-        )
     function = library.skinny_linear_corrected
     a, b = a_rows.data_ptr(), b_cols.data_ptr()
 
@@ -254,6 +243,23 @@ def corrector(library, weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch
 
     correct.factors = (a_rows, b_cols)  # their storage outlives the function holding its address
     return correct
+
+
+def _check_factors(weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch.Tensor) -> None:
+    """Refuse LoRA factors the kernel would misread beside `weight`: a_rows rank x in, b_cols
+    out x rank, the rank a multiple of `EXTENSION_STEP`, all float32 and contiguous."""
+    rank = a_rows.shape[0]
+    if (
+        rank % EXTENSION_STEP
+        or a_rows.shape != (rank, weight.shape[1])
+        or b_cols.shape != (weight.shape[0], rank)
+        or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (weight, a_rows, b_cols))
+    ):
+        raise ValueError(
+            f"factors {tuple(a_rows.shape)}, {tuple(b_cols.shape)} do not fit the weight "
+            f"{tuple(weight.shape)} (float32, contiguous, the rank a multiple of "
+            f"{EXTENSION_STEP})"
+        )
 
 
 PROJECTIONS = 7  # a layer's, in the kernel's order: q, k, v, o, gate, up, down
@@ -395,18 +401,9 @@ class _Factors:
             if pair is None:
                 continue
             a_rows, b_cols = pair
-            rank = a_rows.shape[0]
-            if (
-                rank % EXTENSION_STEP
-                or a_rows.shape != (rank, weight.shape[1])
-                or b_cols.shape != (weight.shape[0], rank)
-                or any(t.dtype != torch.float32 or not t.is_contiguous() for t in pair)
-            ):
-                raise ValueError(
-                    f"correction {tuple(a_rows.shape)}, {tuple(b_cols.shape)} does not fit "
-                    f"the weight {tuple(weight.shape)}"
-                )
-            a[index], bt[index], self.ranks[index] = a_rows.data_ptr(), b_cols.data_ptr(), rank
+            _check_factors(weight, a_rows, b_cols)
+            a[index], bt[index] = a_rows.data_ptr(), b_cols.data_ptr()
+            self.ranks[index] = a_rows.shape[0]
         self.a, self.bt = pointers(*a), pointers(*bt)
         self.e = (ctypes.c_long * PROJECTIONS)(*self.ranks)
 

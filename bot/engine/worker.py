@@ -23,10 +23,9 @@ shapes against the base model; a broken folder is refused and the active version
 serving) and makes it the version new questions get. It merges it only once every row in the
 batch is on it (`_settle`): when the last answer of the version before has finished, or at
 once when the engine is idle. A merge costs half a step to a step (one pass over the weights);
-a corrected 8-row step costs 0-4 % more than a plain one (3-15 % before the kernel calls were
-bound once a layer; bot/engine/skinny.py), and while rows of two versions share the
-batch every step is corrected whichever version is merged, so merging earlier would only add
-the merge. Under frequent swaps with mixed batches nothing is merged at all. Questions queued on
+a corrected 8-row step costs 4-12 % more than a plain one (bot/engine/merging.py), and while
+rows of two versions share the batch every step is corrected whichever version is merged, so
+merging earlier would only add the merge. Under frequent swaps with mixed batches nothing is merged at all. Questions queued on
 both sides of a swap are prefilled together, each row with its own version's weights (and
 prefix states), so swaps do not split admissions either. (`mix_versions=False` drains instead:
 admissions stop until the running rows finish; the benchmark compares the two.) When the
@@ -630,7 +629,7 @@ class AnswerEngine:
         and those about to join) decodes on it, or none is left: from then on it costs nothing.
 
         Until then the rows of the active version are corrected like any other (a corrected
-        step costs 0-4 % more than a plain one; a merge, half to one step, and the rows of
+        step costs 4-12 % more than a plain one; a merge, half to one step, and the rows of
         another version would then be corrected anyway): under frequent swaps with mixed
         batches nothing is merged at all, and a single swap on a busy bot merges as soon as
         the last answer of the version before has finished.
