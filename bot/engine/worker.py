@@ -25,11 +25,12 @@ batch is on it (`_settle`): when the last answer of the version before has finis
 once when the engine is idle. A merge costs half a step to a step (one pass over the weights);
 a corrected 8-row step costs 4-12 % more than a plain one (bot/engine/merging.py), and while
 rows of two versions share the batch every step is corrected whichever version is merged, so
-merging earlier would only add the merge. Under frequent swaps with mixed batches nothing is merged at all. Questions queued on
-both sides of a swap are prefilled together, each row with its own version's weights (and
-prefix states), so swaps do not split admissions either. (`mix_versions=False` drains instead:
-admissions stop until the running rows finish; the benchmark compares the two.) When the
-worker exits the adapter is unmerged: the `LoadedModel` is the base again.
+merging earlier would only add the merge. Under frequent swaps with mixed batches nothing is
+merged at all. Questions queued on both sides of a swap are prefilled together, each row with
+its own version's weights (and prefix states), so swaps do not split admissions either.
+(`mix_versions=False` drains instead: admissions stop until the running rows finish; the
+benchmark compares the two.) When the worker exits the adapter is unmerged: the `LoadedModel`
+is the base again.
 
 On a CPU the worker can choose, step by step, between all torch threads and one
 (`tune_threads`, `bot.engine.threads`): on cores shared with other work one thread is several
