@@ -100,6 +100,31 @@ def library(kernel_dir):
     return built
 
 
+@pytest.fixture
+def shape_table(library):
+    """The kernel's shape table (process-wide: skinny.set_shape) put back after the test."""
+    from bot.engine import skinny
+
+    rows = range(1, skinny.SHAPE_ROWS + 1)
+    saved = [skinny.shape_for(library, count) for count in rows]
+    yield library
+    for count, index in zip(rows, saved, strict=True):
+        skinny.set_shape(library, count, index)
+
+
+@pytest.fixture(params=[0, 1, 2], ids=lambda index: f"shape{index}")
+def kernel_shape(request, shape_table):
+    """Every product of the kernel in shape `request.param` (skinny.shapes) during the test,
+    where this build has it (skipped where not: AVX2 builds have one)."""
+    from bot.engine import skinny
+
+    if request.param >= len(skinny.shapes(shape_table)):
+        pytest.skip(f"this build of the kernel has no shape {request.param}")
+    for count in range(1, skinny.SHAPE_ROWS + 1):
+        skinny.set_shape(shape_table, count, request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def kernel_dir(tmp_path_factory):
     """Where the skinny kernel is built: once a test session, never in the user's cache."""

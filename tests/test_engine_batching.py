@@ -211,10 +211,12 @@ def test_the_kernel_layer_step_gives_the_logits_of_the_transformers_forward(
     "heads, kv_heads, head_dim",
     [(6, 2, 24), (8, 8, 32), (4, 1, 64), (9, 3, 64)],  # 24: no whole vector; 9/3: SmolLM2's
 )
-def test_the_kernel_layer_step_takes_any_head_shape(library, heads, kv_heads, head_dim):
+def test_the_kernel_layer_step_takes_any_head_shape(
+    library, kernel_shape, heads, kv_heads, head_dim
+):
     """Head groups of 1-4 heads and head sizes a vector does or does not divide (the kernel's
-    grouped attention or its general loop): prefill and steps through the kernel against the
-    transformers forward."""
+    grouped attention or its general loop), in each of the kernel's product shapes: prefill
+    and steps through the kernel against the transformers forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bot.engine import kernels
@@ -644,8 +646,8 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
 def test_a_mix_taken_out_is_put_back_for_the_same_versions_until_a_merge(loaded, adapters):
     """Between two admissions of the same versions the batch can empty (every row finishing
     at once): the correcting forwards taken out then are put back as they were, not rebuilt
-    (here without the adapters, which a rebuild needs); once another adapter is merged they
-    are dropped."""
+    (here without the adapters, which a rebuild needs), the last two sets of versions kept;
+    once another adapter is merged they are dropped."""
     model = loaded.model
     read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
     ids = torch.tensor([prompt_ids(loaded, q) for q in QUESTIONS[:1]] * 2)
@@ -670,6 +672,26 @@ def test_a_mix_taken_out_is_put_back_for_the_same_versions_until_a_merge(loaded,
         # the rows really were corrected: v0001's row and the base's differ from v0002's
         plain = model(input_ids=ids).logits  # outside a block: v0002, merged, for every row
         assert (first - plain).abs().amax(dim=(1, 2)).min() > 1e-2
+        weights.unmix()
+        # two sets of versions taking turns (swaps every few questions): both kept
+        both = ["v0001", "v0001"]
+        with weights.mixed(both, read):
+            model(input_ids=ids)
+        weights.unmix()
+        for _ in range(2):
+            with weights.mixed(versions, {}):
+                assert torch.equal(model(input_ids=ids).logits, first)
+            weights.unmix()
+            with weights.mixed(both, {}):
+                model(input_ids=ids)
+            weights.unmix()
+        with weights.mixed([None, None], read):  # a third set: the least recent is dropped
+            model(input_ids=ids)
+        weights.unmix()
+        with pytest.raises(EngineError, match="not in memory"), weights.mixed(versions, {}):
+            pass
+        with weights.mixed(both, {}):
+            model(input_ids=ids)
         weights.unmix()
         weights.apply(None)
         weights.apply(read["v0002"])  # the same version merged again: kept mixes dropped

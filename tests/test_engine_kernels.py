@@ -91,8 +91,11 @@ def test_the_engine_installs_the_product_while_it_runs_and_answers_alike(tiny_mo
 
 
 def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
-    tiny_model_dir, tmp_path, library
+    tiny_model_dir, tmp_path, shape_table
 ):
+    from bot.engine import skinny
+
+    library = shape_table  # the engine measures the kernel's shapes too: put back after
     loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
     counts = (1, 2, 4, 8)
     for built in (library, None):
@@ -114,9 +117,59 @@ def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
             stats["row_kernel_rows"] and any(stats["row_kernel_rows"].values())
         )
         assert stats["row_kernel"] == (PRODUCT if installed else None)
+        # the shape measured fastest at each count (one shape built: nothing measured)
+        shapes = stats["row_kernel_shapes"]
+        built = skinny.shapes(library)
+        assert list(shapes) == (list(kernels.COUNTS) if len(built) > 1 else [])
+        assert set(shapes.values()) <= {f"{nw}x{mr}" for nw, mr in built}
     low = torch.nn.Linear(8, 8).to(torch.bfloat16)
     assert not kernels.applies(low) and kernels.applies(low, library)
     assert kernels.measure(low) == ({}, {})  # bf16 without the kernel: nothing to measure
+
+
+def test_the_kernels_shape_is_measured_at_each_count_and_serves_the_rows_up_to_it(
+    tiny_model_dir, tmp_path, shape_table, monkeypatch
+):
+    """`measure_shapes` times each shape of the build at each count and sets the fastest in
+    the kernel's table for the rows that count serves; a shape must beat the default by the
+    margin. Timed here with a product whose cost depends on the shape in use (sleeps), so
+    that which one wins is known; the engine's own measurement is checked for consistency."""
+    import time
+
+    from bot.engine import skinny
+
+    library = shape_table
+    found = skinny.shapes(library)
+    if len(found) < 2:
+        pytest.skip("this build of the kernel has one shape: nothing to choose")
+    loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
+    first = kernels.measured_weights(loaded.model)[0]
+    # milliseconds a pass takes in shape 0, 1, 2 at each count: 1-2 rows alike (the default
+    # stays), 4 rows shape 1 fastest, 8 rows shape 2, 16 rows shape 1 by less than the margin
+    costs = {1: (4, 4, 4), 2: (4, 4, 4), 4: (4, 1, 2), 8: (4, 2, 1), 16: (4, 3.95, 4)}
+
+    def bound(built, weight):
+        def multiply(x):
+            if weight is first:
+                time.sleep(costs[x.shape[0]][skinny.shape_for(built, x.shape[0])] / 1000)
+            return x.new_zeros(x.shape[0], weight.shape[0])
+
+        return multiply
+
+    monkeypatch.setattr(kernels, "bound_product", bound)
+    monkeypatch.setattr(kernels, "SHAPE_SECONDS", 0.0)
+    monkeypatch.setattr(kernels, "_MEASURED", {})
+    chosen = kernels.measure_shapes(loaded.model, library=library, counts=tuple(costs))
+    assert chosen == {1: found[0], 2: found[0], 4: found[1], 8: found[2], 16: found[0]}
+    served = {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 8: 2, 9: 0, 16: 0, 17: 0, skinny.SHAPE_ROWS: 0}
+    assert {rows: skinny.shape_for(library, rows) for rows in served} == served
+    # kept for the process: applied again without timing anything
+    monkeypatch.setattr(kernels, "bound_product", None)
+    for rows in range(1, skinny.SHAPE_ROWS + 1):
+        skinny.set_shape(library, rows, 0)
+    assert kernels.measure_shapes(loaded.model, library=library, counts=tuple(costs)) == chosen
+    assert skinny.shape_for(library, 8) == 2
+    assert kernels.measure_shapes(loaded.model, library=None) == {}
 
 
 def test_a_row_count_goes_with_the_next_measured_count():

@@ -84,6 +84,7 @@ def test_the_avx2_path_matches_too(tmp_path):
     avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
     library = skinny.load(folder=tmp_path, flags=avx2)
     assert library is not None and library.skinny_vector_width() == 8
+    assert skinny.shapes(library) == [(2, 8)]  # one shape: 16 registers hold no other
     _check(library, SHAPES)
 
 
@@ -116,6 +117,42 @@ def test_a_bound_product_reads_the_weight_as_it_is_at_each_call(library):
             multiply(wrong)
     with pytest.raises(ValueError):  # a transposed weight is refused, not misread
         skinny.product(library, torch.randn(96, 40).t())
+
+
+def test_every_shape_gives_f_linears_sums(library, kernel_shape):
+    """Each shape of the build (weight rows x rows of x a pass, chosen by row count at run
+    time): F.linear's sums on the model's widths and on every remainder of its groups and
+    passes, in float32 and bfloat16, the corrected product too."""
+    nw, mr = skinny.shapes(library)[kernel_shape]
+    assert skinny.shape_for(library, 8) == kernel_shape
+    assert skinny.shape_for(library, 10_000) == kernel_shape  # more rows: the last entry
+    remainders = [(rows, width, outputs) for rows in (mr - 1, mr, mr + 1, 2 * mr + 3)
+                  for width, outputs in ((96, 4 * nw + 1), (33, nw - 1 or 1))]  # fmt: skip
+    _check(library, SHAPES + remainders)
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(4 * nw + 2, 70, generator=generator)
+    a_rows = torch.randn(16, 70, generator=generator)
+    b_cols = torch.randn(weight.shape[0], 16, generator=generator) * 0.1
+    correct = skinny.corrector(library, weight, a_rows, b_cols)
+    for rows in (1, mr, 2 * mr + 1):
+        x = torch.randn(rows, 70, generator=generator)
+        mask = (torch.rand(rows, 16, generator=generator) > 0.5).float()
+        expected = F.linear(x, weight) + ((x @ a_rows.T) * mask) @ b_cols.T
+        torch.testing.assert_close(correct(x, mask), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_shape_table_takes_only_what_it_has(library):
+    """Shapes by index, the default first; the table refuses rows and indices it lacks and
+    changes nothing then."""
+    found = skinny.shapes(library)
+    assert found and len(set(found)) == len(found)
+    if library.skinny_vector_width() == 16:
+        assert found[0] == (3, 8) and len(found) == 3
+    before = skinny.shape_for(library, 5)
+    for rows, index in ((0, 0), (skinny.SHAPE_ROWS + 1, 0), (5, len(found)), (5, -1)):
+        with pytest.raises(ValueError):
+            skinny.set_shape(library, rows, index)
+    assert skinny.shape_for(library, 5) == before
 
 
 @pytest.mark.parametrize("rank", [16, 32])

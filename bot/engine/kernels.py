@@ -28,7 +28,10 @@ of `COUNTS` whether the product (skinny where built, else the weight on the left
 uses it at exactly the counts where it won (a row count between two counts goes with the
 larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as does a GPU.
 Prefills of up to `MOST_ROWS` rows are measured too: on the AVX-512 EPYC the kernel ran a
-96-row prefill's products at 1.3x the speed of MKL's (see `COUNTS`).
+96-row prefill's products at 1.3x the speed of MKL's (see `COUNTS`). Before that, the skinny
+kernel's own shape (how many weight rows and rows of x a pass sums in registers) is measured at
+each count too (`measure_shapes`; ~3 s at a start): on an AVX-512 EPYC 4 x 6 or 5 x 5 ran a
+prefill's products in ~0.8 of the default 3 x 8's time.
 bf16 weights go through the skinny kernel only (widened to float32 as it reads them); without
 it, `F.linear`.
 
@@ -43,6 +46,8 @@ the rows.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +61,7 @@ MOST_ROWS = 256  # never above: a longer prefill keeps F.linear (at 512 rows the
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 WIDEN_ABOVE = 32  # bf16 products of more rows than this may be widened (a prefill's)
 MEASURED_BYTES = 160 * 2**20  # measure over about this much of the weights (well past any cache)
+SHAPE_SECONDS = 0.2  # `measure_shapes` times a row count's shapes for at least about this
 _MEASURED: dict[tuple, tuple] = {}  # measure's results in this process, by weights and counts
 
 
@@ -211,8 +217,6 @@ def measured_weights(model) -> list[torch.Tensor]:
 def _time_ratio(first, second, weights, inputs, *, repeats: int) -> float:
     """Time of `first` ÷ time of `second`, each a product `(x, weight)` passed over all
     `weights` (x: `inputs[weight.shape[1]]`), alternating, best of `repeats` after a warm-up."""
-    import time
-
     best = [float("inf"), float("inf")]
     for round_ in range(repeats + 1):  # the first round warms up
         for index, product in enumerate((first, second)):
@@ -290,6 +294,74 @@ def measure(
         torch.set_num_threads(before)
     _MEASURED[key] = (wins, ratios)
     return wins, ratios
+
+
+def measure_shapes(
+    model,
+    *,
+    library,
+    counts: tuple[int, ...] = COUNTS,
+    repeats: int = 2,
+    margin: float = 0.97,
+) -> dict[int, tuple[int, int]]:
+    """For each row count of `counts`, the fastest of the kernel's shapes (`skinny.shapes`)
+    here, set in the kernel's table for the rows it serves (those above the count before it,
+    as `plan` serves a count; the last count's also serves more); {count: (nw, mr)} chosen.
+
+    Measured over the model's own weights (`measured_weights`) at torch's current thread
+    count, each shape's pass taking turns (a warm-up round, then the best of `repeats`): on an
+    AVX-512 Xeon 3 x 8 was fastest at 8 rows, on an AVX-512 EPYC 4 x 6 and 5 x 5 ran 8 rows
+    in ~0.9 and 32-147 rows in ~0.8 of its time (skinny.cpp). A shape other than the default
+    (the first) must take at most `margin` of the default's time: a tie keeps the default.
+    Measure shapes before `measure`, whose figures then are those of the shapes chosen. Kept
+    for the process (the table is the library's): another engine applies the same choice.
+    {} (the table untouched) where the kernel has one shape or does not apply.
+    """
+    found = skinny.shapes(library) if library is not None else []
+    weights = measured_weights(model)
+    if len(found) < 2 or not weights or not applies(model, library):
+        return {}
+    key = (
+        "shapes",
+        tuple(tuple(w.shape) for w in weights),
+        tuple(counts),
+        torch.get_num_threads(),
+        weights[0].dtype,
+        id(library),
+    )
+    if key not in _MEASURED:
+        products = {id(w): bound_product(library, w) for w in weights}
+        chosen: dict[int, int] = {}
+        with torch.inference_mode():
+            for rows in sorted(counts):
+                inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+                best = [float("inf")] * len(found)
+                round_, begun = 0, time.perf_counter()
+                # the first round warms up; short passes (few rows) get more rounds, up to 4x
+                while round_ <= repeats or (
+                    round_ <= 4 * repeats and time.perf_counter() - begun < SHAPE_SECONDS
+                ):
+                    order = range(len(found)) if round_ % 2 else reversed(range(len(found)))
+                    for index in order:
+                        skinny.set_shape(library, min(rows, skinny.SHAPE_ROWS), index)
+                        started = time.perf_counter()
+                        for weight in weights:
+                            products[id(weight)](inputs[weight.shape[1]])
+                        if round_:
+                            best[index] = min(best[index], time.perf_counter() - started)
+                    round_ += 1
+                fastest = min(range(len(found)), key=best.__getitem__)
+                chosen[rows] = fastest if best[fastest] <= margin * best[0] else 0
+        _MEASURED[key] = chosen
+    chosen = _MEASURED[key]
+    below = 0
+    for rows in sorted(chosen):
+        for served in range(below + 1, min(rows, skinny.SHAPE_ROWS) + 1):
+            skinny.set_shape(library, served, chosen[rows])
+        below = rows
+    for served in range(below + 1, skinny.SHAPE_ROWS + 1):  # more rows than the last count
+        skinny.set_shape(library, served, chosen[max(chosen)])
+    return {rows: found[index] for rows, index in chosen.items()}
 
 
 def measure_widening(model, *, rows: int = 128, repeats: int = 2) -> float | None:

@@ -161,10 +161,13 @@ class MergedWeights:
     base_weights: Callable[[str], torch.Tensor] | None = None
     _originals: dict[str, torch.Tensor] = field(default_factory=dict)
     _mix: _VersionMix | None = None
-    # the last mix taken out (`unmix`), kept for the next that wants the same versions: with
-    # every row finishing at once, the batch empties between two admissions of the same
-    # versions, and a rebuild (the stacked factors of every layer) cost ~26 ms each time
-    _idle: _VersionMix | None = None
+    # the last mixes taken out (`unmix`), by key, kept for the next that wants the same
+    # versions: with every row finishing at once, the batch empties between two admissions,
+    # and a rebuild (the stacked factors of every layer) cost ~10-26 ms each time. Two: under
+    # swaps every few questions, admissions alternate between two sets of versions (one was
+    # kept before, and the benchmark's swap runs rebuilt a mix at ~2 of every 7 admissions)
+    _idle: dict[tuple, _VersionMix] = field(default_factory=dict)
+    idle_kept = 2
 
     @property
     def version(self) -> str | None:
@@ -193,8 +196,8 @@ class MergedWeights:
         key = (self.version, others)
         if self._mix is None or self._mix.key != key:
             self.unmix()
-            idle, self._idle = self._idle, None
-            if idle is not None and idle.key == key:
+            idle = self._idle.pop(key, None)
+            if idle is not None:
                 idle.install()  # a key names the same weights: its factors still hold
                 self._mix = idle
             else:
@@ -209,7 +212,7 @@ class MergedWeights:
     def apply(self, adapter: LoraAdapter | None) -> None:
         """Take the merged adapter out (if any) and merge `adapter` (None: the base alone)."""
         self.unmix()  # its factors were built against the adapter merged until now
-        self._idle = None  # keyed by the version merged until now: no longer wanted
+        self._idle.clear()  # keyed by the version merged until now: no longer wanted
         old = self.adapter
         old_parts = old.parts if old is not None else {}
         new_parts = adapter.parts if adapter is not None else {}
@@ -257,10 +260,14 @@ class MergedWeights:
 
     def unmix(self) -> None:
         """Give the layers their own forwards back (no row of another version is left); the
-        mix is kept aside for a next one of the same versions."""
+        mix is kept aside for a next one of the same versions (the last `idle_kept`)."""
         if self._mix is not None:
             self._mix.remove()
-            self._mix, self._idle = None, self._mix
+            self._idle.pop(self._mix.key, None)
+            self._idle[self._mix.key] = self._mix
+            self._mix = None
+            while len(self._idle) > self.idle_kept:
+                self._idle.pop(next(iter(self._idle)))
 
 
 class _VersionMix:
@@ -287,6 +294,7 @@ class _VersionMix:
         # that number: (rows, 1, rank) over a row's tokens and its (rows, rank) view
         self._layouts: dict[tuple[int, ...], int] = {}
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._selected: tuple | None = None  # the last rows named and their masks
         self._forwards = []  # (layer, its correcting forward), in place while rows are mixed
         self._device, self._dtype = None, None
         paths = sorted({path for _, adapter, _ in components for path in adapter.parts})
@@ -343,19 +351,34 @@ class _VersionMix:
             output.view(flat.shape[0], -1).addmm_(low.view(flat.shape[0], -1), b)
             return output
 
+        held: list = [None, None]  # the last mask and its (A, B, mask): the same object while
+        # the rows stay the same, so that the kernel's step reuses what it checked (`skinny`)
+
         def extension():
             """What the kernel's whole-layer step (`skinny.layer_step`) streams beside the
             weight for the rows of the next forward: (A, B, mask), or None (no correction)."""
             masks = self._masks
-            return None if masks is None else (a_rows, b_cols, masks[layout][1])
+            if masks is None:
+                return None
+            mask = masks[layout][1]
+            if held[0] is not mask:
+                held[0], held[1] = mask, (a_rows, b_cols, mask)
+            return held[1]
 
         forward.extension = extension
         return forward
 
     def select(self, versions: Sequence[str | None] | None) -> None:
-        """Name the rows of the next forwards (None: correct nothing until named again)."""
+        """Name the rows of the next forwards (None: correct nothing until named again).
+
+        The same rows as the last time get the same mask tensors back (most steps: rows
+        change only as answers join or finish)."""
         if versions is None:
             self._masks = None
+            return
+        versions = tuple(versions)
+        if self._selected is not None and self._selected[0] == versions:
+            self._masks = self._selected[1]
             return
         # rows[i, k]: whether row i uses component k (0: the merged one taken out)
         rows = torch.zeros((len(versions), len(self.others) + 2), dtype=torch.bool)
@@ -367,6 +390,7 @@ class _VersionMix:
         for layout, number in self._layouts.items():
             mask = rows[:, list(layout)].to(self._device, self._dtype)
             self._masks[number] = (mask[:, None], mask)
+        self._selected = (versions, self._masks)
 
     def install(self) -> None:
         for layer, forward in self._forwards:

@@ -5,7 +5,9 @@
 // each group of NW rows it keeps NW x MR sums in registers and streams the group's rows once per
 // block of MR rows of x (a later block finds the group in L1). The next group is prefetched
 // while this one is summed: without that a single core's stream stalled and 4 rows cost 1.3x
-// one (measured, Xeon AVX-512). Sums run in float32 whatever W's type.
+// one (measured, Xeon AVX-512). Sums run in float32 whatever W's type. Which NW x MR is fastest
+// depends on the CPU and the row count, so several shapes are built and a table chooses one by
+// row count (`skinny_set_shape`, set from measurements: bot/engine/kernels.py).
 // Built by bot/engine/skinny.py with -march=native; see that module for why it exists.
 #include <immintrin.h>
 #include <math.h>
@@ -18,11 +20,16 @@
 
 #if defined(__AVX512F__)
 typedef __m512 vec;
-// 24 sums, 3 weights and one x of 32 registers: one pass over a group serves 8 rows. With 4 x 4
-// (two passes for 8 rows, the second from L1) a step of 8 rows cost 1.5-2.0x one; with 3 x 8,
-// 1.2-1.4x (Xeon AVX-512, two threads, 5 Dec 2026, three runs; 2 x 8, 2 x 12, 4 x 6, 4 x 8 in
-// between; see skinny.py).
-enum { VW = 16, NW = 3, MR = 8 };
+// Shapes NW x MR (sums, weights and one x within 32 registers). 3 x 8, one pass over a group
+// for 8 rows: with 4 x 4 (two passes for 8 rows, the second from L1) a step of 8 rows cost
+// 1.5-2.0x one, with 3 x 8 1.2-1.4x (Xeon AVX-512, two threads, 5 Dec 2026; 2 x 8, 2 x 12,
+// 4 x 6, 4 x 8 in between). On an AVX-512 EPYC (Zen 4, two threads, 6 Dec 2026) 4 x 6 and 5 x 5
+// were faster instead: over SmolLM2's layer weights, time ÷ 3 x 8's at 8 rows 0.89 and 0.95, at
+// 32 rows 0.78 and 0.77, at 147 rows 0.85 and 0.81 (1-4 rows: within 1-3 %). Where more
+// rows share a group's pass, x's rows come from L2 (24 of 576 floats: 55 KB), and fewer x
+// loads per sum (6 or 5 instead of 8 for 24-25 sums) win. The first is the default.
+enum { VW = 16 };
+#define SHAPES(X) X(0, 3, 8) X(1, 4, 6) X(2, 5, 5)
 // x's vector in a register of its own: left to itself GCC folds x's loads into the FMAs, one
 // load per weight row (18 loads for 16 FMAs at 2 x 8), and the sums waited on the loads.
 static inline void pin(__m512 &v) { __asm__("" : "+v"(v)); }
@@ -48,7 +55,9 @@ typedef __m256 vec;
 // 16 sums in 16 registers (the compiler keeps a few on the stack): one pass over a group serves
 // 8 rows. With 4 rows a pass (8 sums, all in registers) a step of 8 rows cost 1.4-1.6x one row;
 // with 8 it costs 1.1x (AVX2 EPYC, two threads, 29 Nov 2026; 2x6, 3x4, 3x5, 1x8 in between).
-enum { VW = 8, NW = 2, MR = 8 };
+// One shape: 16 registers leave no room for another with as few loads a sum.
+enum { VW = 8 };
+#define SHAPES(X) X(0, 2, 8)
 static inline void pin(__m256 &) {}  // not measured on AVX2: GCC's own choice is kept there
 static inline vec vzero() { return _mm256_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
@@ -155,7 +164,7 @@ static inline void rest(const float *x, const T *w, float *y, long M, long K, lo
   }
 }
 
-template <int G, typename T>
+template <int G, int MR, typename T>
 static void rows_of_group(const float *x, const T *w, float *y, long M, long K, long N,
                           const float *low, const float *bt, long E, bool accumulate,
                           const float *scale) {
@@ -169,15 +178,51 @@ static void rows_of_group(const float *x, const T *w, float *y, long M, long K, 
 
 extern "C" int skinny_vector_width(void) { return VW; }
 
+// The shapes built here, and which one serves each row count: rows 1..MOST_ROWS, the last for
+// more (the same entry every thread of a call reads: a call reads it once, before its region).
+enum { MOST_ROWS = 256 };
+struct Shape {
+  int nw, mr;
+};
+#define SHAPE_ENTRY(index, nw, mr) {nw, mr},
+static const Shape shapes[] = {SHAPES(SHAPE_ENTRY)};
+static const int shape_count = sizeof shapes / sizeof shapes[0];
+static unsigned char shape_by_rows[MOST_ROWS + 1];  // indices into `shapes`, 0 the default
+
+static int shape_for(long M) {
+  const long most = MOST_ROWS;
+  return shape_by_rows[M < 0 ? 0 : M < most ? M : most];
+}
+
+extern "C" int skinny_shape_count(void) { return shape_count; }
+
+// The shape `index` (0 on success, -1 where there is none).
+extern "C" int skinny_shape(int index, int *nw, int *mr) {
+  if (index < 0 || index >= shape_count) return -1;
+  *nw = shapes[index].nw;
+  *mr = shapes[index].mr;
+  return 0;
+}
+
+// Products of `rows` rows (1..MOST_ROWS; MOST_ROWS also serves more) use shape `index` (0 on
+// success, -1 where either is out of range).
+extern "C" int skinny_set_shape(long rows, int index) {
+  if (rows < 1 || rows > MOST_ROWS || index < 0 || index >= shape_count) return -1;
+  shape_by_rows[rows] = (unsigned char)index;
+  return 0;
+}
+
+extern "C" int skinny_shape_for(long rows) { return shape_for(rows); }
+
 // The chunks of one product, shared among the threads of the enclosing parallel region (run
 // alone, outside one, it is the whole product on this thread). No barrier at its end: the
 // region's own end is one, and a caller that reads y inside the region puts one itself.
 // `accumulate`: y += x W^T (a residual add in the same pass) instead of y = x W^T. `scale`
 // (M x N, or null): each sum multiplied by its entry before it is stored (a LoRA mask).
-template <typename T>
-static void product_tasks(const float *x, const T *w, float *y, long M, long K, long N,
-                          int threads, const float *low, const float *bt, long E,
-                          bool accumulate = false, const float *scale = nullptr) {
+template <typename T, int NW, int MR>
+static void shaped_tasks(const float *x, const T *w, float *y, long M, long K, long N,
+                         int threads, const float *low, const float *bt, long E, bool accumulate,
+                         const float *scale) {
   // chunks of whole groups, about four a thread (k and v projections have few rows)
   long chunk = (N + threads * 4 - 1) / (threads * 4);
   chunk = (chunk + NW - 1) / NW * NW;
@@ -189,20 +234,34 @@ static void product_tasks(const float *x, const T *w, float *y, long M, long K, 
     const long n1 = (t + 1) * chunk < N ? (t + 1) * chunk : N;
     long n = t * chunk;
     for (; n + NW <= n1; n += NW)
-      rows_of_group<NW, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate,
-                           scale ? scale + n : nullptr);
+      rows_of_group<NW, MR, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate,
+                               scale ? scale + n : nullptr);
     for (; n < n1; n++)
-      rows_of_group<1, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate,
-                          scale ? scale + n : nullptr);
+      rows_of_group<1, MR, T>(x, w + n * K, y + n, M, K, N, low, bt + n * E, E, accumulate,
+                              scale ? scale + n : nullptr);
   }
+}
+
+// `shaped_tasks` in shape `shape` (`shape_for(M)`, read once by the caller before its region:
+// every thread must split the same tasks).
+template <typename T>
+static void product_tasks(int shape, const float *x, const T *w, float *y, long M, long K,
+                          long N, int threads, const float *low, const float *bt, long E,
+                          bool accumulate = false, const float *scale = nullptr) {
+#define SHAPE_CASE(index, nw, mr)                                                           \
+  case index:                                                                               \
+    return shaped_tasks<T, nw, mr>(x, w, y, M, K, N, threads, low, bt, E, accumulate, scale);
+  switch (shape) { SHAPES(SHAPE_CASE) }
+#undef SHAPE_CASE
 }
 
 template <typename T>
 static void product(const float *x, const T *w, float *y, long M, long K, long N, int threads,
                     const float *low, const float *bt, long E) {
   if (threads < 1) threads = 1;
+  const int shape = shape_for(M);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  product_tasks<T>(x, w, y, M, K, N, threads, low, bt, E);
+  product_tasks<T>(shape, x, w, y, M, K, N, threads, low, bt, E);
 }
 
 extern "C" void skinny_linear(const float *x, const float *w, float *y, long M, long K, long N,
@@ -399,19 +458,19 @@ struct Projection {
 
 // The products of projections that share their input, then a barrier; their low-rank
 // corrections first where any has one (the same decision on every thread: the barriers match).
-static void project(const float *in, long M, long K, const Projection *p, int count,
+static void project(int shape, const float *in, long M, long K, const Projection *p, int count,
                     int threads) {
   bool corrected = false;
   for (int i = 0; i < count; i++) corrected = corrected || p[i].E > 0;
   if (corrected) {  // low = (in A^T) * mask, the mask applied as each sum is stored
     for (int i = 0; i < count; i++)
       if (p[i].E > 0)
-        product_tasks<float>(in, p[i].a, p[i].low, M, K, p[i].E, threads, nullptr, nullptr, 0,
-                             false, p[i].mask);
+        product_tasks<float>(shape, in, p[i].a, p[i].low, M, K, p[i].E, threads, nullptr,
+                             nullptr, 0, false, p[i].mask);
 #pragma omp barrier
   }
   for (int i = 0; i < count; i++)
-    product_tasks<float>(in, p[i].w, p[i].y, M, K, p[i].N, threads,
+    product_tasks<float>(shape, in, p[i].w, p[i].y, M, K, p[i].N, threads,
                          p[i].E > 0 ? p[i].low : nullptr, p[i].bt, p[i].E, p[i].accumulate);
 #pragma omp barrier
 }
@@ -428,8 +487,9 @@ extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y
   if (threads < 1) threads = 1;
   std::unique_ptr<float[]> low(new float[M * E]);
   const Projection p = {w, y, N, a, mask, bt, E, low.get(), false};
+  const int shape = shape_for(M);
 #pragma omp parallel num_threads(threads) if (threads > 1)
-  project(x, M, K, &p, 1, threads);
+  project(shape, x, M, K, &p, 1, threads);
 }
 
 // Rotary embedding of one head in place, as transformers' `q * cos + rotate_half(q) * sin`.
@@ -485,11 +545,12 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
             E > 0 ? lows[i].data() : nullptr, i == 3 || i == 6};
   }
   const attend_fn grouped = attend_for(group_size, D);
+  const int shape = shape_for(M);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> scores(L * group_size);
     rms_norm_rows(x, norm1, h, M, H, eps);
-    project(h, M, H, p, 3, threads);
+    project(shape, h, M, H, p, 3, threads);
 #pragma omp for schedule(static)
     for (long t = 0; t < M * (heads + kv_heads); t++) {
       const long m = t / (heads + kv_heads), head = t % (heads + kv_heads);
@@ -523,9 +584,9 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
                     scale, scores.data(), att + m * Nq + head * D);
       }
     }
-    project(att, M, Nq, p + 3, 1, threads);
+    project(shape, att, M, Nq, p + 3, 1, threads);
     rms_norm_rows(x, norm2, h, M, H, eps);
-    project(h, M, H, p + 4, 2, threads);
+    project(shape, h, M, H, p + 4, 2, threads);
 #pragma omp for schedule(static)
     for (long j = 0; j < M * I; j += VW) {  // silu(g) * u, M * I a multiple of VW or a rest
       if (j + VW <= M * I) {
@@ -536,7 +597,7 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
         for (long i = j; i < M * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
       }
     }
-    project(g, M, I, p + 6, 1, threads);
+    project(shape, g, M, I, p + 6, 1, threads);
   }
 }
 

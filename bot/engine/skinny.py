@@ -6,7 +6,11 @@ there: at 8 rows MKL's products ran at ~12 GB/s on an AVX-512 CPU where one row 
 so 8 questions at once cost about twice one. `skinny.cpp` keeps the sums of a block of x's rows
 for a group of weight rows in registers and reads the group once per block (AVX-512: 3 weight
 rows x 8 rows of x; AVX2: 2 x 8; blocks of 4 rows read a group twice for 8 and cost 1.4-1.6x
-one row there) and prefetches the next group while summing. Measured over SmolLM2-135M's 211
+one row there) and prefetches the next group while summing. Which shape is fastest depends on
+the CPU: AVX-512 builds have three (3 x 8, 4 x 6, 5 x 5; `shapes`), and a table in the library
+names the one each row count uses (`set_shape`), which the engine measures at its start
+(`kernels.measure_shapes`): on an AVX-512 EPYC 4 x 6 and 5 x 5 took 0.77-0.88 of 3 x 8's time
+at 24-256 rows (a prefill's), ~0.9 at 8, the same at 1-4. Measured over SmolLM2-135M's 211
 weights (fp32, ms for all of them, 2 cores, F.linear / this; the rows of one date side by side,
 the dates on different machines):
 
@@ -30,10 +34,11 @@ norms, RoPE, the cache write, attention and SiLU that through torch took ~40 sma
 
 It is compiled with the machine's C++ compiler (`-O3 -march=native -fopenmp`: AVX-512, or AVX2
 with FMA) into a cache folder keyed by the source, the compiler and the CPU, so a machine builds
-it once (~2 s); where there is no compiler or the CPU has neither, `load` returns None and the
-engine keeps torch's products. Its OpenMP is torch's own runtime (the same `libgomp.so.1`,
-already loaded), so the kernel's threads are the engine thread's team, not a second set that
-would fight torch's for the two cores; a process where two runtimes end up loaded refuses it.
+it once (~7 s with three shapes); where there is no compiler or the CPU has neither, `load`
+returns None and the engine keeps torch's products. Its OpenMP is torch's own runtime (the
+same `libgomp.so.1`, already loaded), so the kernel's threads are the engine thread's team, not
+a second set that would fight torch's for the two cores; a process where two runtimes end up
+loaded refuses it.
 """
 
 from __future__ import annotations
@@ -154,6 +159,14 @@ def load(*, folder: Path | None = None, flags: tuple[str, ...] = FLAGS):
                     function.argtypes = argtypes
                     function.restype = None
                 library.skinny_vector_width.restype = ctypes.c_int
+                library.skinny_shape_count.restype = ctypes.c_int
+                number = ctypes.POINTER(ctypes.c_int)
+                library.skinny_shape.argtypes = [ctypes.c_int, number, number]
+                library.skinny_shape.restype = ctypes.c_int
+                library.skinny_set_shape.argtypes = [ctypes.c_long, ctypes.c_int]
+                library.skinny_set_shape.restype = ctypes.c_int
+                library.skinny_shape_for.argtypes = [ctypes.c_long]
+                library.skinny_shape_for.restype = ctypes.c_int
                 library.skinny_exp.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long]
                 library.skinny_exp.restype = None
         except (OSError, AttributeError, subprocess.SubprocessError) as exc:
@@ -166,6 +179,31 @@ def load(*, folder: Path | None = None, flags: tuple[str, ...] = FLAGS):
 
 DTYPES = (torch.float32, torch.bfloat16)  # the weights' dtypes the kernel reads
 EXTENSION_STEP = 16  # an extension's width must be a multiple of this (both vector widths)
+SHAPE_ROWS = 256  # the row counts the kernel's shape table names (its last entry serves more)
+
+
+def shapes(library) -> list[tuple[int, int]]:
+    """The product shapes this build has, by index (the first the default): (weight rows, rows
+    of x) summed together in registers, one pass over a group of weight rows serving a block
+    of x's rows. Which is fastest depends on the CPU and the row count (see skinny.cpp)."""
+    found = []
+    for index in range(library.skinny_shape_count()):
+        nw, mr = ctypes.c_int(), ctypes.c_int()
+        if library.skinny_shape(index, ctypes.byref(nw), ctypes.byref(mr)) == 0:
+            found.append((nw.value, mr.value))
+    return found
+
+
+def set_shape(library, rows: int, index: int) -> None:
+    """Products of `rows` rows (1..SHAPE_ROWS; the last also serves more) use shape `index`
+    from now on, in every call of this library in the process (each call reads it once)."""
+    if library.skinny_set_shape(rows, index) != 0:
+        raise ValueError(f"no shape {index} for {rows} rows (shapes: {shapes(library)})")
+
+
+def shape_for(library, rows: int) -> int:
+    """The index of the shape products of `rows` rows use."""
+    return library.skinny_shape_for(rows)
 
 
 def linear(library, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -323,6 +361,7 @@ def layer_step(
     function = library.skinny_decode_layer
     pointers = ctypes.c_void_p * PROJECTIONS
     bound: dict = {}  # the corrections' factors, checked once (`_Factors`)
+    recent: list = [None]  # the last call's corrections and arrays (`_extensions`)
 
     def step(x, cos, sin, keys, values, length: int, mask=None, extensions=None, *, where=None):
         rows = x.shape[0]
@@ -359,7 +398,7 @@ def layer_step(
             )
         ext = (None,) * 4
         if extensions is not None and any(e is not None for e in extensions):
-            ext = _extensions(extensions, weights, rows, bound)
+            ext = _extensions(extensions, weights, rows, bound, recent)
         function(
             x.data_ptr(), rows, hidden, heads, kv_heads, head_dim, inner,
             norms[0].data_ptr(), norms[1].data_ptr(), eps,
@@ -423,12 +462,21 @@ class _Factors:
         return self.a, (ctypes.c_void_p * PROJECTIONS)(*pointers), self.bt, self.e
 
 
-def _extensions(extensions, weights, rows: int, bound: dict) -> tuple:
+def _extensions(extensions, weights, rows: int, bound: dict, recent: list) -> tuple:
     """The per-projection correction arrays `skinny_decode_layer` takes, checked: (a, mask, bt,
     E) pointer arrays with a null and 0 for a projection that has none. `bound`: the step's
-    `_Factors` by the factors' ids."""
+    `_Factors` by the factors' ids; `recent`: the last call's corrections and arrays, given
+    again for the same correction objects (a mix hands the same ones while its rows stay:
+    rebuilding and checking them cost ~0.15 ms of a ~11 ms 8-row step)."""
     if len(extensions) != PROJECTIONS:
         raise ValueError(f"{len(extensions)} corrections for {PROJECTIONS} projections")
+    last = recent[0]  # the same corrections (objects) as the last call: its arrays
+    if (
+        last is not None
+        and last[1] == rows
+        and all(e is held for e, held in zip(extensions, last[0], strict=True))
+    ):
+        return last[2]
     key = tuple(None if e is None else (id(e[0]), id(e[1])) for e in extensions)
     factors = bound.get(key)
     if factors is None:
@@ -436,4 +484,6 @@ def _extensions(extensions, weights, rows: int, bound: dict) -> tuple:
         while len(bound) >= _Factors.kept:
             bound.pop(next(iter(bound)))
         bound[key] = factors
-    return factors.arrays([None if e is None else e[2] for e in extensions], rows)
+    arrays = factors.arrays([None if e is None else e[2] for e in extensions], rows)
+    recent[0] = (tuple(extensions), rows, arrays)  # held: their ids cannot be reused
+    return arrays

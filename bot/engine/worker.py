@@ -185,6 +185,7 @@ class AnswerEngine:
             "row_kernel": None,  # which product: "skinny" or "weight on the left"
             "row_kernel_rows": None,  # {threads: the row counts it won} (None: all, or unused)
             "row_kernel_widen": False,  # bf16 products past those rows computed in float32
+            "row_kernel_shapes": {},  # {rows: "3x8"}: the kernel's shape measured at each count
         }
         # batches: prefill groups (questions admitted together); steps: decoding steps
 
@@ -353,19 +354,22 @@ class AnswerEngine:
         from bot.engine.threads import ThreadTuner
 
         row_kernels, wins, library, widen = self.row_kernels, None, None, False
+        shapes: dict = {}
         if row_kernels is not False and kernels.applies(self._base, library=True):
             library = skinny.load()  # built on this machine at first use; None: can't be
         product = "skinny" if library else "weight on the left"
         if row_kernels is None:  # where it applies, measured on this machine's cores
+            # the kernel's fastest shape at each row count, then whether it beats F.linear
+            shapes = kernels.measure_shapes(self._base, library=library) if library else {}
             wins, ratios = kernels.measure(self._base, library=library)
             widening = kernels.measure_widening(self._base)  # bf16 on a CPU only
             widen = widening is not None and widening < 0.95
             row_kernels = any(wins.values()) or widen
             if ratios or widening is not None:
                 log.info(
-                    "%s products at %s rows (threads: rows; time ratios to F.linear %s); "
-                    "bf16 prefills widened to float32: %s (time ratio %s)",
-                    product, wins, ratios, widen, widening,
+                    "%s products at %s rows (threads: rows; time ratios to F.linear %s; "
+                    "shapes by rows %s); bf16 prefills widened to float32: %s (time ratio %s)",
+                    product, wins, ratios, shapes, widen, widening,
                 )  # fmt: skip
         elif row_kernels:  # told to: a bf16 CPU model's prefills are widened too
             widen = kernels.applies(self._base, library=True) and not kernels.applies(self._base)
@@ -373,6 +377,7 @@ class AnswerEngine:
         self._counts["row_kernel"] = product if row_kernels else None
         self._counts["row_kernel_rows"] = wins if row_kernels else None
         self._counts["row_kernel_widen"] = widen
+        self._counts["row_kernel_shapes"] = {n: f"{nw}x{mr}" for n, (nw, mr) in shapes.items()}
         if row_kernels:  # undone when the worker exits
             kernels.install(self._base, wins, library=library, widen=widen)
         batch = DecodeBatch(self._base, pad_id=self._pad_id, device=self.loaded.device)
