@@ -120,7 +120,9 @@ def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
         # the shape measured fastest at each count (one shape built: nothing measured)
         shapes = stats["row_kernel_shapes"]
         built = skinny.shapes(library)
-        assert list(shapes) == (list(kernels.COUNTS) if len(built) > 1 else [])
+        past_steps = [rows for rows in kernels.COUNTS if rows > engine.batch_size]  # prefills
+        assert list(shapes) == (past_steps if len(built) > 1 else [])
+        assert all(skinny.shape_for(library, rows) == 0 for rows in range(1, engine.batch_size + 1))
         assert set(shapes.values()) <= {f"{nw}x{mr}" for nw, mr in built}
     low = torch.nn.Linear(8, 8).to(torch.bfloat16)
     assert not kernels.applies(low) and kernels.applies(low, library)
@@ -130,10 +132,10 @@ def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
 def test_the_kernels_shape_is_measured_at_each_count_and_serves_the_rows_up_to_it(
     tiny_model_dir, tmp_path, shape_table, monkeypatch
 ):
-    """`measure_shapes` times each shape of the build at each count and sets the fastest in
-    the kernel's table for the rows that count serves; a shape must beat the default by the
-    margin. Timed here with a product whose cost depends on the shape in use (sleeps), so
-    that which one wins is known; the engine's own measurement is checked for consistency."""
+    """`measure_shapes` times each shape of the build at each count (past `above`) and sets the
+    fastest in the kernel's table for the rows that count serves; a shape must beat the
+    default by the margin. Timed here with a product whose cost depends on the shape in use
+    (sleeps), so that which one wins is known."""
     import time
 
     from bot.engine import skinny
@@ -169,6 +171,13 @@ def test_the_kernels_shape_is_measured_at_each_count_and_serves_the_rows_up_to_i
         skinny.set_shape(library, rows, 0)
     assert kernels.measure_shapes(loaded.model, library=library, counts=tuple(costs)) == chosen
     assert skinny.shape_for(library, 8) == 2
+    # past `above` only (the engine's batch size: its decoding steps keep the default shape)
+    monkeypatch.setattr(kernels, "bound_product", bound)
+    chosen = kernels.measure_shapes(loaded.model, library=library, above=4, counts=tuple(costs))
+    assert chosen == {8: found[2], 16: found[0]}
+    served = {1: 0, 3: 0, 4: 0, 5: 2, 8: 2, 9: 0, skinny.SHAPE_ROWS: 0}
+    assert {rows: skinny.shape_for(library, rows) for rows in served} == served
+    assert kernels.measure_shapes(loaded.model, library=library, above=16, counts=(4, 16)) == {}
     assert kernels.measure_shapes(loaded.model, library=None) == {}
 
 

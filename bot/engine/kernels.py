@@ -30,8 +30,8 @@ larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as
 Prefills of up to `MOST_ROWS` rows are measured too: on the AVX-512 EPYC the kernel ran a
 96-row prefill's products at 1.3x the speed of MKL's (see `COUNTS`). Before that, the skinny
 kernel's own shape (how many weight rows and rows of x a pass sums in registers) is measured at
-each count too (`measure_shapes`; ~3 s at a start): on an AVX-512 EPYC 4 x 6 or 5 x 5 ran a
-prefill's products in ~0.8 of the default 3 x 8's time.
+each count past the batch size (a prefill's; `measure_shapes`; ~2 s at a start): on an AVX-512
+EPYC 4 x 6 or 5 x 5 ran a prefill in ~0.75-0.85 of the default 3 x 8's time.
 bf16 weights go through the skinny kernel only (widened to float32 as it reads them); without
 it, `F.linear`.
 
@@ -300,31 +300,40 @@ def measure_shapes(
     model,
     *,
     library,
+    above: int = 0,
     counts: tuple[int, ...] = COUNTS,
     repeats: int = 2,
     margin: float = 0.97,
 ) -> dict[int, tuple[int, int]]:
-    """For each row count of `counts`, the fastest of the kernel's shapes (`skinny.shapes`)
-    here, set in the kernel's table for the rows it serves (those above the count before it,
-    as `plan` serves a count; the last count's also serves more); {count: (nw, mr)} chosen.
+    """For each row count of `counts` past `above`, the fastest of the kernel's shapes
+    (`skinny.shapes`) here, set in the kernel's table for the rows it serves (those above the
+    count before it, or `above`, as `plan` serves a count; the last count's also serves more);
+    rows up to `above` get the default shape (the first). {count: (nw, mr)} chosen.
 
     Measured over the model's own weights (`measured_weights`) at torch's current thread
-    count, each shape's pass taking turns (a warm-up round, then the best of `repeats`): on an
-    AVX-512 Xeon 3 x 8 was fastest at 8 rows, on an AVX-512 EPYC 4 x 6 and 5 x 5 ran 8 rows
-    in ~0.9 and 32-147 rows in ~0.8 of its time (skinny.cpp). A shape other than the default
-    (the first) must take at most `margin` of the default's time: a tie keeps the default.
-    Measure shapes before `measure`, whose figures then are those of the shapes chosen. Kept
-    for the process (the table is the library's): another engine applies the same choice.
-    {} (the table untouched) where the kernel has one shape or does not apply.
+    count, each shape's pass taking turns (a warm-up round, then the best of `repeats`). A
+    shape other than the default must take at most `margin` of the default's time: a tie
+    keeps the default. These are products alone, as a prefill's are long enough to be: within
+    the engine's whole-layer step (AVX-512 EPYC, 6 Dec 2026, ms a step or prefill, 3 x 8 /
+    4 x 6 / 5 x 5), a prefill of 18 tokens took 25.5-25.9 / 18.6-18.9 / 27.5-28.6 and one of
+    147 142-144 / 121-124 / 117-128, as the products alone ranked them, but an 8-row decoding
+    step took 12.2-13.1 / 14.4-14.6 / 16.6-17.1 where the products alone had 4 x 6 at ~0.9 of
+    3 x 8. So the engine passes its batch size as `above`: its decoding steps keep the
+    default, its prefills get the shape measured here. Measure shapes before `measure`, whose
+    figures then are those of the shapes chosen. Kept for the process (the table is the
+    library's): another engine applies the same choice. {} (the table untouched) where the
+    kernel has one shape or does not apply.
     """
     found = skinny.shapes(library) if library is not None else []
     weights = measured_weights(model)
-    if len(found) < 2 or not weights or not applies(model, library):
+    counts = tuple(sorted(rows for rows in counts if rows > above))
+    if len(found) < 2 or not weights or not counts or not applies(model, library):
         return {}
     key = (
         "shapes",
         tuple(tuple(w.shape) for w in weights),
-        tuple(counts),
+        above,
+        counts,
         torch.get_num_threads(),
         weights[0].dtype,
         id(library),
@@ -333,7 +342,7 @@ def measure_shapes(
         products = {id(w): bound_product(library, w) for w in weights}
         chosen: dict[int, int] = {}
         with torch.inference_mode():
-            for rows in sorted(counts):
+            for rows in counts:
                 inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
                 best = [float("inf")] * len(found)
                 round_, begun = 0, time.perf_counter()
@@ -354,7 +363,9 @@ def measure_shapes(
                 chosen[rows] = fastest if best[fastest] <= margin * best[0] else 0
         _MEASURED[key] = chosen
     chosen = _MEASURED[key]
-    below = 0
+    for served in range(1, min(above, skinny.SHAPE_ROWS) + 1):
+        skinny.set_shape(library, served, 0)
+    below = above
     for rows in sorted(chosen):
         for served in range(below + 1, min(rows, skinny.SHAPE_ROWS) + 1):
             skinny.set_shape(library, served, chosen[rows])

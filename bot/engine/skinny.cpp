@@ -23,11 +23,12 @@ typedef __m512 vec;
 // Shapes NW x MR (sums, weights and one x within 32 registers). 3 x 8, one pass over a group
 // for 8 rows: with 4 x 4 (two passes for 8 rows, the second from L1) a step of 8 rows cost
 // 1.5-2.0x one, with 3 x 8 1.2-1.4x (Xeon AVX-512, two threads, 5 Dec 2026; 2 x 8, 2 x 12,
-// 4 x 6, 4 x 8 in between). On an AVX-512 EPYC (Zen 4, two threads, 6 Dec 2026) 4 x 6 and 5 x 5
-// were faster instead: over SmolLM2's layer weights, time ÷ 3 x 8's at 8 rows 0.89 and 0.95, at
-// 32 rows 0.78 and 0.77, at 147 rows 0.85 and 0.81 (1-4 rows: within 1-3 %). Where more
-// rows share a group's pass, x's rows come from L2 (24 of 576 floats: 55 KB), and fewer x
-// loads per sum (6 or 5 instead of 8 for 24-25 sums) win. The first is the default.
+// 4 x 6, 4 x 8 in between). On an AVX-512 EPYC (two threads, 6 Dec 2026) 4 x 6 and 5 x 5 ran
+// a prefill's products faster: over SmolLM2's layer weights, time ÷ 3 x 8's at 32 rows 0.78 and
+// 0.77, at 147 rows 0.85 and 0.81 (1-4 rows: within 1-3 %). Where more rows share a group's
+// pass, x's rows come from L2 (24 of 576 floats: 55 KB), and fewer x loads per sum (6 or 5
+// instead of 8 for 24-25 sums) win. An 8-row decoding step in the layer step stayed fastest
+// with 3 x 8 (12.2-13.1 ms against 14.4-14.6 and 16.6-17.1). The first is the default.
 enum { VW = 16 };
 #define SHAPES(X) X(0, 3, 8) X(1, 4, 6) X(2, 5, 5)
 // x's vector in a register of its own: left to itself GCC folds x's loads into the FMAs, one

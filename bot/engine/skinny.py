@@ -8,11 +8,11 @@ for a group of weight rows in registers and reads the group once per block (AVX-
 rows x 8 rows of x; AVX2: 2 x 8; blocks of 4 rows read a group twice for 8 and cost 1.4-1.6x
 one row there) and prefetches the next group while summing. Which shape is fastest depends on
 the CPU: AVX-512 builds have three (3 x 8, 4 x 6, 5 x 5; `shapes`), and a table in the library
-names the one each row count uses (`set_shape`), which the engine measures at its start
-(`kernels.measure_shapes`): on an AVX-512 EPYC 4 x 6 and 5 x 5 took 0.77-0.88 of 3 x 8's time
-at 24-256 rows (a prefill's), ~0.9 at 8, the same at 1-4. Measured over SmolLM2-135M's 211
-weights (fp32, ms for all of them, 2 cores, F.linear / this; the rows of one date side by side,
-the dates on different machines):
+names the one each row count uses (`set_shape`), which the engine measures at its start for
+a prefill's row counts (`kernels.measure_shapes`): on an AVX-512 EPYC 4 x 6 and 5 x 5 ran a
+prefill in 0.75-0.85 of 3 x 8's time, while its 8-row decoding steps stayed fastest in 3 x 8.
+Measured over SmolLM2-135M's 211 weights (fp32, ms for all of them, 2 cores, F.linear / this;
+the rows of one date side by side, the dates on different machines):
 
     rows                             1          2          4          8
     Xeon AVX-512, 2 threads, 29 Nov  19.1/19.0  20.8/19.4  34.3/21.3  44.6/25.8  (4 x 4)

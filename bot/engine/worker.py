@@ -359,8 +359,10 @@ class AnswerEngine:
             library = skinny.load()  # built on this machine at first use; None: can't be
         product = "skinny" if library else "weight on the left"
         if row_kernels is None:  # where it applies, measured on this machine's cores
-            # the kernel's fastest shape at each row count, then whether it beats F.linear
-            shapes = kernels.measure_shapes(self._base, library=library) if library else {}
+            # the kernel's fastest shape for prefills (its steps keep the default: see
+            # measure_shapes), then at which counts it beats F.linear
+            if library:
+                shapes = kernels.measure_shapes(self._base, library=library, above=self.batch_size)
             wins, ratios = kernels.measure(self._base, library=library)
             widening = kernels.measure_widening(self._base)  # bf16 on a CPU only
             widen = widening is not None and widening < 0.95
