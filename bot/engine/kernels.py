@@ -214,17 +214,40 @@ def measured_weights(model) -> list[torch.Tensor]:
     return weights[::step]
 
 
+def _best_times(
+    passes, *, repeats: int, seconds: float = 0.0, alternate: bool = False
+) -> list[float]:
+    """The best time of each of `passes` (functions of no argument), taking turns: a warm-up
+    round, then `repeats` rounds, and more (up to 4x `repeats` in all) while fewer than
+    `seconds` have passed since the first. `alternate`: the order reversed every other
+    round (the warm-up's reversed), so that none always goes first."""
+    best = [float("inf")] * len(passes)
+    round_, begun = 0, time.perf_counter()
+    while round_ <= repeats or (round_ <= 4 * repeats and time.perf_counter() - begun < seconds):
+        order = range(len(passes))
+        if alternate and not round_ % 2:
+            order = reversed(order)
+        for index in order:
+            started = time.perf_counter()
+            passes[index]()
+            if round_:
+                best[index] = min(best[index], time.perf_counter() - started)
+        round_ += 1
+    return best
+
+
 def _time_ratio(first, second, weights, inputs, *, repeats: int) -> float:
     """Time of `first` ÷ time of `second`, each a product `(x, weight)` passed over all
     `weights` (x: `inputs[weight.shape[1]]`), alternating, best of `repeats` after a warm-up."""
-    best = [float("inf"), float("inf")]
-    for round_ in range(repeats + 1):  # the first round warms up
-        for index, product in enumerate((first, second)):
-            started = time.perf_counter()
+
+    def over_weights(product):
+        def run() -> None:
             for weight in weights:
                 product(inputs[weight.shape[1]], weight)
-            if round_:
-                best[index] = min(best[index], time.perf_counter() - started)
+
+        return run
+
+    best = _best_times([over_weights(first), over_weights(second)], repeats=repeats)
     return best[0] / best[1]
 
 
@@ -344,21 +367,22 @@ def measure_shapes(
         with torch.inference_mode():
             for rows in counts:
                 inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
-                best = [float("inf")] * len(found)
-                round_, begun = 0, time.perf_counter()
-                # the first round warms up; short passes (few rows) get more rounds, up to 4x
-                while round_ <= repeats or (
-                    round_ <= 4 * repeats and time.perf_counter() - begun < SHAPE_SECONDS
-                ):
-                    order = range(len(found)) if round_ % 2 else reversed(range(len(found)))
-                    for index in order:
+
+                def in_shape(index: int, rows: int = rows, inputs: dict = inputs):
+                    def run() -> None:
                         skinny.set_shape(library, min(rows, skinny.SHAPE_ROWS), index)
-                        started = time.perf_counter()
                         for weight in weights:
                             products[id(weight)](inputs[weight.shape[1]])
-                        if round_:
-                            best[index] = min(best[index], time.perf_counter() - started)
-                    round_ += 1
+
+                    return run
+
+                # short passes (few rows) get more rounds
+                best = _best_times(
+                    [in_shape(index) for index in range(len(found))],
+                    repeats=repeats,
+                    seconds=SHAPE_SECONDS,
+                    alternate=True,
+                )
                 fastest = min(range(len(found)), key=best.__getitem__)
                 chosen[rows] = fastest if best[fastest] <= margin * best[0] else 0
         _MEASURED[key] = chosen
