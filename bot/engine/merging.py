@@ -351,19 +351,11 @@ class _VersionMix:
             output.view(flat.shape[0], -1).addmm_(low.view(flat.shape[0], -1), b)
             return output
 
-        held: list = [None, None]  # the last mask and its (A, B, mask): the same object while
-        # the rows stay the same, so that the kernel's step reuses what it checked (`skinny`)
-
         def extension():
             """What the kernel's whole-layer step (`skinny.layer_step`) streams beside the
             weight for the rows of the next forward: (A, B, mask), or None (no correction)."""
             masks = self._masks
-            if masks is None:
-                return None
-            mask = masks[layout][1]
-            if held[0] is not mask:
-                held[0], held[1] = mask, (a_rows, b_cols, mask)
-            return held[1]
+            return None if masks is None else (a_rows, b_cols, masks[layout][1])
 
         forward.extension = extension
         return forward
