@@ -354,15 +354,14 @@ class AnswerEngine:
         from bot.engine.threads import ThreadTuner
 
         row_kernels, wins, library, widen = self.row_kernels, None, None, False
-        shapes: dict = {}
+        shapes: dict = {}  # measured only with row_kernels None
         if row_kernels is not False and kernels.applies(self._base, library=True):
             library = skinny.load()  # built on this machine at first use; None: can't be
         product = "skinny" if library else "weight on the left"
         if row_kernels is None:  # where it applies, measured on this machine's cores
             # the kernel's fastest shape for prefills (its steps keep the default: see
             # measure_shapes), then at which counts it beats F.linear
-            if library:
-                shapes = kernels.measure_shapes(self._base, library=library, above=self.batch_size)
+            shapes = kernels.measure_shapes(self._base, library=library, above=self.batch_size)
             wins, ratios = kernels.measure(self._base, library=library)
             widening = kernels.measure_widening(self._base)  # bf16 on a CPU only
             widen = widening is not None and widening < 0.95
