@@ -760,6 +760,48 @@ def test_a_swap_is_merged_once_every_row_decodes_on_it(loaded, adapters):
     assert stats["merges"] == 2 and stats["swaps"] == 2
 
 
+@pytest.mark.parametrize("share", [0.0, 1e9], ids=["corrections-free", "corrections-dear"])
+def test_rows_left_on_an_unmerged_version_are_merged_once_their_corrections_cost_a_merge(
+    loaded, adapters, share
+):
+    """A merge stalls every row decoding, so rows left alone on the new version stay corrected
+    until their corrections have cost as much as the last merge (timed at the idle swap
+    before): corrections that cost nothing wait for the engine to empty; corrections dearer
+    than any merge get it at the next step. The answer is that version's either way."""
+    import time
+
+    with make_engine(loaded, generate_options={"min_new_tokens": 12}) as engine:
+        engine.set_adapter("v0001", adapters["v0001"]).result(timeout=WAIT)  # idle: merged
+        engine.corrected_share = share
+        merges = []  # (the version merged, whether the second answer was still decoding)
+        apply = engine._weights.apply
+
+        def apply_and_note(adapter):
+            merges.append((adapter and adapter.version, not second.done()))
+            apply(adapter)
+
+        engine._weights.apply = apply_and_note
+        gate = Gate()
+        first = engine.submit(AnswerRequest(QUESTIONS[0], max_new_tokens=4), on_partial=gate)
+        assert gate.entered.wait(WAIT)
+        engine.set_adapter("v0002", adapters["v0002"])
+        question = AnswerRequest(QUESTIONS[1], max_new_tokens=16)
+        second = engine.submit(question)  # decodes beside the first, then alone
+        gate.release.set()
+        assert first.result(timeout=WAIT).adapter_version == "v0001"
+        answer = second.result(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while engine.stats()["merged_version"] != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["merged_version"] == "v0002"  # no row left: merged at once
+        alone = engine.answer(question, timeout=WAIT)  # on the merged weights
+        assert engine.stats()["merges"] == 2
+        noted = list(merges)  # (the worker's exit takes the adapter out: not a swap's merge)
+    assert answer.adapter_version == "v0002" and answer.text == alone.text
+    # dear: merged while the row still decoded; free: corrected to its last token
+    assert noted == [("v0002", bool(share))]
+
+
 @pytest.mark.parametrize("mix_versions", [True, False], ids=["mixed", "drained"])
 def test_swaps_under_load_never_split_or_lose_an_answer(loaded, adapters, mix_versions):
     """Forty questions with ten swaps among them: each answered once, by the version queued

@@ -21,13 +21,14 @@ exact up to float rounding, so rows of several versions decode in one batch. Whe
 reaches the head of the queue the worker reads and checks the whole folder (config, weights,
 shapes against the base model; a broken folder is refused and the active version keeps
 serving) and makes it the version new questions get. It merges it only once every row in the
-batch is on it (`_settle`): when the last answer of the version before has finished, or at
-once when the engine is idle. A merge costs half a step to a step (one pass over the weights);
-a corrected 8-row step costs 4-12 % more than a plain one (bot/engine/merging.py), and while
-rows of two versions share the batch every step is corrected whichever version is merged, so
-merging earlier would only add the merge. Under frequent swaps with mixed batches nothing is
-merged at all. Questions queued on both sides of a swap are prefilled together, each row with
-its own version's weights (and prefix states), so swaps do not split admissions either.
+batch is on it (`_settle`), and then at once only when no row is left: a merge (one pass over
+the weights, ~2 steps of 8 rows) stalls every row decoding, so while rows are on it the worker
+first lets their corrections cost as much as the last merge did (a corrected 8-row step costs
+4-12 % more than a plain one, bot/engine/merging.py). While rows of two versions share the
+batch every step is corrected whichever version is merged, so merging earlier would only add
+the merge. Under frequent swaps with mixed batches nothing is merged at all. Questions queued
+on both sides of a swap are prefilled together, each row with its own version's weights (and
+prefix states), so swaps do not split admissions either.
 (`mix_versions=False` drains instead: admissions stop until the running rows finish; the
 benchmark compares the two.) When the worker exits the adapter is unmerged: the `LoadedModel`
 is the base again.
@@ -107,6 +108,11 @@ class _Swap:
 class AnswerEngine:
     """Answers `AnswerRequest`s with the base model and the active LoRA adapter."""
 
+    # what correcting the rows of an unmerged active version adds to a step or prefill, as a
+    # share of its time (a corrected step cost 4-12 % more than a plain one, measured on this
+    # project's CPUs): `_settle` merges once the share of those steps has cost one merge
+    corrected_share = 0.1
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -163,6 +169,10 @@ class AnswerEngine:
         self._weights = MergedWeights(model=loaded.model, base_weights=base_weight_reader(loaded))
         self._adapters: dict = {}  # the active adapter and the one before, for a cheap swap back
         self._active: str | None = None
+        # a merge's cost (the last one's seconds; None: none yet) against what correcting the
+        # active version's rows has cost since it became active (see `_settle`)
+        self._merge_seconds: float | None = None
+        self._unmerged_seconds = 0.0
         self._stop_ids = _stop_token_ids(loaded)
         tokenizer = loaded.tokenizer
         self._pad_id = (
@@ -272,7 +282,7 @@ class AnswerEngine:
         """Queue a swap to adapter `version` (in folder `path`), or to the base model for None.
 
         The worker applies it between two steps; the `Future` gives the seconds the swap took
-        (reading, and merging when no row of another version was decoding), or raises
+        (reading, and merging when no row was decoding: see `_settle`), or raises
         `EngineError` if the folder does not load (the active version stays).
         """
         if version is not None and path is None:
@@ -406,17 +416,22 @@ class AnswerEngine:
                         versions.append(self._active)
                 try:
                     # merge the active version once no row (running or joining) needs another
+                    # and, with rows, once it pays
                     self._settle(batch, [*batch.keys, *versions])
-                    for swap in swapped:  # done: applied, and merged unless rows still mix
+                    for swap in swapped:  # done: applied, and merged unless rows decode
                         with contextlib.suppress(InvalidStateError):
                             swap.future.set_result(time.perf_counter() - swap.started)
                     with torch.inference_mode():
                         if jobs:
                             if self._tuner and torch.get_num_threads() != self._tuner.choice:
                                 torch.set_num_threads(self._tuner.choice)  # not a probe's
+                            started = time.perf_counter()
                             self._admit(batch, jobs, versions)
+                            self._charge(time.perf_counter() - started, versions)
                         if len(batch):
+                            keys, started = batch.keys, time.perf_counter()
                             self._step(batch)
+                            self._charge(time.perf_counter() - started, keys)
                     if len(batch) or not self._pending:  # else: the newcomers' versions decide
                         self._settle(batch, batch.keys)  # the last row of another version left?
                 except Exception as exc:  # a bug must not kill the worker and hang every caller
@@ -608,6 +623,7 @@ class AnswerEngine:
             )
             return False
         self._counts["swaps"] += 1
+        self._unmerged_seconds = 0.0  # a new version: its rows' corrections are counted anew
         log.info(
             "adapter %s -> %s (read in %.2f s)",
             before, swap.version, time.perf_counter() - swap.started,
@@ -633,22 +649,42 @@ class AnswerEngine:
 
     def _settle(self, batch, keys: list[str | None]) -> None:
         """Merge the active version into the weights once every row in `keys` (those decoding
-        and those about to join) decodes on it, or none is left: from then on it costs nothing.
+        and those about to join) decodes on it, and either no row is left or correcting its
+        rows has cost as much as a merge: from then on it costs nothing.
 
         Until then the rows of the active version are corrected like any other (a corrected
-        step costs 4-12 % more than a plain one; a merge, half to one step, and the rows of
-        another version would then be corrected anyway): under frequent swaps with mixed
-        batches nothing is merged at all, and a single swap on a busy bot merges as soon as
-        the last answer of the version before has finished.
+        step costs 4-12 % more than a plain one; a merge, ~2 steps of 8 rows, and the rows
+        of another version would then be corrected anyway): under frequent swaps with mixed
+        batches nothing is merged at all. With rows decoding, the merge would stall every one
+        of them, while their corrections may be over in a few steps: it waits until those
+        corrections' share (`corrected_share` of the steps' time, `_charge`) has reached the
+        last merge's time, the rule that never pays more than twice the better choice made
+        knowing the future. An engine left without rows merges at once; the first merge too
+        (no measured cost yet).
         """
         if self._weights.version == self._active or any(key != self._active for key in keys):
+            return
+        if (
+            keys
+            and self._merge_seconds is not None
+            and self._unmerged_seconds < self._merge_seconds
+        ):
             return
         started = time.perf_counter()
         active = self._active
         self._weights.apply(None if active is None else self._adapters[active])
         batch.use_weights(self._active)  # the prefix's keys and values are per version
+        self._merge_seconds = time.perf_counter() - started
+        self._unmerged_seconds = 0.0
         self._counts["merges"] += 1
-        log.info("adapter %s merged in %.2f s", self._active, time.perf_counter() - started)
+        log.info("adapter %s merged in %.2f s", self._active, self._merge_seconds)
+
+    def _charge(self, seconds: float, keys: list[str | None]) -> None:
+        """Count what a step or prefill of rows `keys` paid for the active version not being
+        merged: its corrections' share of `seconds`, when every row was on that version (a
+        merge would have spared them all)."""
+        if keys and self._weights.version != self._active and all(k == self._active for k in keys):
+            self._unmerged_seconds += seconds * self.corrected_share
 
 
 def _stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
