@@ -129,6 +129,31 @@ def test_the_engine_measures_at_which_row_counts_the_product_is_faster(
     assert kernels.measure(low) == ({}, {})  # bf16 without the kernel: nothing to measure
 
 
+def test_at_a_decoding_steps_counts_a_tie_goes_to_the_kernel(tiny_model_dir, tmp_path, monkeypatch):
+    """Up to `ties_up_to` rows (the engine's batch size) a count is won unless the product is
+    slower than F.linear beyond the margin: there the kernel also runs each layer as one call.
+    Past it, and by default, only a win by the margin counts. Timed with fixed ratios."""
+    loaded = load_tiny(tiny_model_dir, tmp_path / "cache")
+    ratios = {1: 1.0, 2: 1.05, 4: 0.5, 8: 1.2, 16: 1.0, 32: 0.9}
+    calls = []
+
+    def fake_ratio(first, second, weights, inputs, *, repeats):
+        rows = next(iter(inputs.values())).shape[0]
+        calls.append(rows)
+        return ratios[rows]
+
+    monkeypatch.setattr(kernels, "_time_ratio", fake_ratio)
+    monkeypatch.setattr(kernels, "_MEASURED", {})
+    counts = tuple(ratios)
+    wins, measured = kernels.measure(loaded.model, threads=(1,), counts=counts, ties_up_to=8)
+    assert measured == {1: ratios}
+    assert wins == {1: [1, 2, 4, 32]}  # 8 rows: slower beyond the margin; 16: past the steps
+    # a count it did not win by the margin was measured twice (one noisy round must not decide)
+    assert sorted(calls) == sorted([*counts, 1, 2, 8, 16])
+    wins, _ = kernels.measure(loaded.model, threads=(1,), counts=counts)  # no ties: measured
+    assert wins == {1: [4, 32]}
+
+
 def test_the_kernels_shape_is_measured_at_each_count_and_serves_the_rows_up_to_it(
     tiny_model_dir, tmp_path, shape_table, monkeypatch
 ):

@@ -26,12 +26,14 @@ So nothing is assumed: at the worker's start the engine measures (`measure`) at 
 of `COUNTS` whether the product (skinny where built, else the weight on the left) beats
 `F.linear`, for one thread and for all (the thread tuner's two choices), and each `RowLinear`
 uses it at exactly the counts where it won (a row count between two counts goes with the
-larger). A long prefill (more than `MOST_ROWS` rows) always keeps `F.linear`, as does a GPU.
-Prefills of up to `MOST_ROWS` rows are measured too: on the AVX-512 EPYC the kernel ran a
-96-row prefill's products at 1.3x the speed of MKL's (see `COUNTS`). Before that, the skinny
-kernel's own shape (how many weight rows and rows of x a pass sums in registers) is measured at
-each count past the batch size (a prefill's; `measure_shapes`; ~2 s at a start): on an AVX-512
-EPYC 4 x 6 or 5 x 5 ran a prefill in ~0.75-0.85 of the default 3 x 8's time.
+larger). At a decoding step's counts a tie goes to the kernel: with it the whole layer is one
+call (bot/engine/skinny.py's layer step). A long prefill (more than `MOST_ROWS` rows) always
+keeps `F.linear`, as does a GPU. Prefills of up to `MOST_ROWS` rows are measured too: on the
+AVX-512 EPYC the kernel ran a 96-row prefill's products at 1.3x the speed of MKL's (see
+`COUNTS`). Before that, the skinny kernel's own shape (how many weight rows and rows of x a
+pass sums in registers) is measured at each count past the batch size (a prefill's;
+`measure_shapes`; ~2 s at a start): on an AVX-512 EPYC 4 x 6 or 5 x 5 ran a prefill in
+~0.75-0.85 of the default 3 x 8's time.
 bf16 weights go through the skinny kernel only (widened to float32 as it reads them); without
 it, `F.linear`.
 
@@ -259,6 +261,7 @@ def measure(
     counts: tuple[int, ...] = COUNTS,
     repeats: int = 2,
     margin: float = 0.95,
+    ties_up_to: int = 0,
 ) -> tuple[dict[int, list[int]], dict[int, dict[int, float]]]:
     """For each torch thread count, at which row counts `linear` (with `library`) beats
     `F.linear` here.
@@ -272,6 +275,13 @@ def measure(
     memory and either may win by a hair, yet at 4-16 rows one may be twice as fast. Kept for
     the process: another engine over the same shapes measures nothing. `threads`: default 1
     and torch's current count, the two the engine's thread tuner chooses between.
+
+    `ties_up_to`: at counts up to it (a decoding step's: the engine passes its batch size where
+    the kernel is built) a tie goes to the product too: a count is won unless the product took
+    over 1/`margin` of F.linear's time. There the kernel does more than the products: a step
+    whose row count it takes runs each layer as one call (`skinny.layer_step`) instead of ~40
+    torch ops, and on an AVX-512 Xeon whose products tied MKL's at 1-2 rows (ratios 0.96-1.0)
+    batch-1 decoding ran at 42 tokens/s with the kernel against 28 without (6 Dec 2026).
     Returns ({threads: counts won}, {threads: {rows: time with `linear` ÷ with F.linear}}).
     """
     weights = measured_weights(model)
@@ -284,6 +294,7 @@ def measure(
         thread_counts,
         tuple(counts),
         margin,
+        ties_up_to,
         library is not None,
         weights[0].dtype,
     )
@@ -311,7 +322,7 @@ def measure(
                     if ratio >= margin:
                         ratio = min(ratio, ratio_at(rows))
                     ratios[count_of_threads][rows] = ratio
-                    if ratio < margin:
+                    if ratio < margin or (rows <= ties_up_to and ratio * margin <= 1):
                         wins[count_of_threads].append(rows)
     finally:
         torch.set_num_threads(before)

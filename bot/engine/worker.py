@@ -372,7 +372,9 @@ class AnswerEngine:
             # the kernel's fastest shape for prefills (its steps keep the default: see
             # measure_shapes), then at which counts it beats F.linear
             shapes = kernels.measure_shapes(self._base, library=library, above=self.batch_size)
-            wins, ratios = kernels.measure(self._base, library=library)
+            # a decoding step's counts: a tie goes to the kernel (its layer step; see measure)
+            ties = self.batch_size if library else 0
+            wins, ratios = kernels.measure(self._base, library=library, ties_up_to=ties)
             widening = kernels.measure_widening(self._base)  # bf16 on a CPU only
             widen = widening is not None and widening < 0.95
             row_kernels = any(wins.values()) or widen
