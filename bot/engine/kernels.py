@@ -280,7 +280,7 @@ def measure(
     the kernel is built) a tie goes to the product too: a count is won unless the product took
     over 1/`margin` of F.linear's time. There the kernel does more than the products: a step
     whose row count it takes runs each layer as one call (`skinny.layer_step`) instead of ~40
-    torch ops, and on an AVX-512 Xeon whose products tied MKL's at 1-2 rows (ratios 0.96-1.0)
+    torch ops, and on an AVX-512 Xeon whose products tied MKL's at 1-2 rows (ratios 0.95-1.0)
     batch-1 decoding ran at 42 tokens/s with the kernel against 28 without (6 Dec 2026).
     Returns ({threads: counts won}, {threads: {rows: time with `linear` ÷ with F.linear}}).
     """

@@ -660,9 +660,9 @@ class AnswerEngine:
         batches nothing is merged at all. With rows decoding, the merge would stall every one
         of them, while their corrections may be over in a few steps: it waits until those
         corrections' share (`corrected_share` of the steps' time, `_charge`) has reached the
-        last merge's time, the rule that never pays more than twice the better choice made
-        knowing the future. An engine left without rows merges at once; the first merge too
-        (no measured cost yet).
+        last merge's time (the ski-rental rule: about twice, at most, what the better choice
+        made knowing when the rows finish would cost). An engine left without rows merges at
+        once; the first merge too (no measured cost yet).
         """
         if self._weights.version == self._active or any(key != self._active for key in keys):
             return
