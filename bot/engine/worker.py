@@ -664,7 +664,7 @@ class AnswerEngine:
         made knowing when the rows finish would cost). An engine left without rows merges at
         once; the first merge too (no measured cost yet).
         """
-        if self._weights.version == self._active or any(key != self._active for key in keys):
+        if not self._unmerged_alone(keys):
             return
         if (
             keys
@@ -685,8 +685,13 @@ class AnswerEngine:
         """Count what a step or prefill of rows `keys` paid for the active version not being
         merged: its corrections' share of `seconds`, when every row was on that version (a
         merge would have spared them all)."""
-        if keys and self._weights.version != self._active and all(k == self._active for k in keys):
+        if keys and self._unmerged_alone(keys):
             self._unmerged_seconds += seconds * self.corrected_share
+
+    def _unmerged_alone(self, keys: list[str | None]) -> bool:
+        """Whether the active version is not the merged one and every row in `keys` is on it
+        (none: true), so that merging it would leave nothing to correct."""
+        return self._weights.version != self._active and all(k == self._active for k in keys)
 
 
 def _stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
