@@ -42,7 +42,11 @@ LIMITS = {
         "step: the shapes 4x6 and 5x5 (14.4 and 16.6 ms against 12.2-13.1), 6x4 or 3x4 for "
         "down_proj alone, prefetching 2-4 groups ahead or into L2. Weights copied into huge "
         "pages ran the 8-row products alone in 0.94 of their time (not adopted: the cached "
-        "file stays memory-mapped). Earlier machines: 1.29-1.37x (AVX2 EPYC), 1.36-1.47x "
+        "file stays memory-mapped). On an AVX-512 Xeon (6 Dec) 1.52x, once a tie between the "
+        "kernel and MKL at 1-2 rows went to the kernel (one question 28 -> 43 tokens/s): its "
+        "8-row layer calls take 1.38x the 1-row ones (24.8 against 18.0 ms; 4x6 and 5x5 "
+        "slower) and the 8 tails' prefill (160 tokens through MKL, ~190 ms) is a third of the "
+        "difference. Earlier machines: 1.29-1.37x (AVX2 EPYC), 1.36-1.47x "
         "(Xeon). int8 weights, more cores or a GPU would move it. bf16 (the layer step is "
         "float32 only): 1.40x on the Xeon, 2.1x on the AVX2 EPYC, 1.56-1.77x on the AVX-512 EPYC"
     ),
@@ -81,7 +85,8 @@ LIMITS = {
     "swaps": (
         "rows of each version decode side by side (a per-row LoRA correction riding on the "
         "kernel as an extension of each weight row's dot product) and the new version is merged "
-        "only once every row is on it, so a run of 10 swaps in 50 questions decodes nearly "
+        "only once every row is on it (with rows decoding, once their corrections have cost "
+        "as much as the last merge), so a run of 10 swaps in 50 questions decodes nearly "
         "every step mixed, two rank-8 adapters at once (factors of 4.6 % of the weights' "
         "bytes). Side by side in one process (AVX-512 EPYC, 6 Dec) a mixed 8-row step's layer "
         "calls cost +10-14 % over plain: the extension in the products ~6 %, the low-rank "
@@ -90,8 +95,13 @@ LIMITS = {
         "mixed step +7-10 %); a mixed admission +5-7 %; a mix was rebuilt at 2 of 7 admissions "
         "(~10 ms each; the last two are now kept). Tried without gain: balancing the low-rank "
         "products' tasks, prefetching the factors ahead (into L1 or L2). Factors in bf16 (half "
-        "their bytes, no longer exact) would move it. Figures: 0.85-0.91 on the AVX2 EPYC, "
-        "0.86-0.88 on a Xeon, 0.87-0.95 on the AVX-512 EPYC over the sessions"
+        "their bytes, no longer exact) would move it. On an AVX-512 Xeon (6 Dec), with merges "
+        "no longer stalling the rows and a folder read once (what the swaps themselves took "
+        "fell from 12.6 to 4-5 % of the run's extra time), what is left is the corrections: "
+        "decoding steps +7 %, admissions +10 % (prefills of over 32 rows keep MKL there, and "
+        "a mixed 160-token prefill's two small products a layer cost +12 %). Figures: "
+        "0.85-0.91 on the AVX2 EPYC, 0.86-0.89 on a Xeon, 0.87-0.95 on the AVX-512 EPYC over "
+        "the sessions"
     ),
     "memory": (
         "torch's runtime (libtorch, MKL, the tokenizer, Python: 0.5-0.67 GB, the more on the "
