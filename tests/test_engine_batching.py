@@ -731,6 +731,66 @@ def test_questions_on_both_sides_of_a_swap_are_prefilled_together(loaded, adapte
     ]
 
 
+def test_questions_queued_across_swaps_are_batched_by_version(loaded, adapters):
+    """Two questions on each of v0001, v0002 and v0001 again, queued behind a busy worker: the
+    first admission takes the oldest and the other two on its version, the next the two on
+    v0002. Each batch is one version, merged for it as it is admitted: no step is corrected,
+    every partial of an answer decodes on its own merged version, and each answer is that
+    version's own. (In queue order, v0001 and v0002 would share the first batch.)"""
+    questions = QUESTIONS[:2]
+    request = {q: AnswerRequest(q, max_new_tokens=6) for q in questions}
+    reference = {}
+    for version in ("v0001", "v0002"):
+        with make_engine(loaded) as engine:
+            engine.set_adapter(version, adapters[version]).result(timeout=WAIT)
+            reference[version] = [engine.answer(request[q], timeout=WAIT).text for q in questions]
+    with make_engine(loaded, batch_size=4, generate_options={"min_new_tokens": 6}) as engine:
+        gate = Gate()
+        first = engine.submit(AnswerRequest(QUESTIONS[4], max_new_tokens=1), on_partial=gate)
+        assert gate.entered.wait(WAIT)  # the worker waits inside the first answer's prefill
+        queued = []  # (version, question, future, the merged version at each partial)
+        for version in ("v0001", "v0002", "v0001"):
+            engine.set_adapter(version, adapters[version])
+            for q in questions:
+                merged = []
+                partial = lambda text, merged=merged: merged.append(  # noqa: E731
+                    engine.stats()["merged_version"]
+                )
+                queued.append((version, q, engine.submit(request[q], on_partial=partial), merged))
+        gate.release.set()
+        first.result(timeout=WAIT)
+        answers = [(v, q, future.result(timeout=WAIT), merged) for v, q, future, merged in queued]
+        stats = engine.stats()
+    for version, q, answer, merged in answers:
+        assert answer.adapter_version == version
+        assert answer.text == reference[version][questions.index(q)]
+        assert merged and set(merged) == {version}
+    assert stats["corrected_steps"] == 0 and stats["batches"] == 3  # the first, v0001, v0002
+
+
+@pytest.mark.parametrize("mixing", [True, False], ids=["mixed", "drained"])
+def test_an_admission_takes_the_oldest_then_its_versions_then_any(mixing):
+    from bot.engine.worker import choose_admissions
+
+    def choose(waiting, room, decoding=()):
+        return choose_admissions(waiting, room=room, decoding=list(decoding), mixing=mixing)
+
+    assert choose([], room=4) == [] and choose(["v1"], room=0) == []
+    waiting = ["v1", "v2", "v1", None, "v2", "v1"]
+    if mixing:
+        assert choose(waiting, room=3) == [0, 2, 5]  # the oldest, then on its version
+        assert choose(waiting, room=4) == [0, 1, 2, 5]  # then the oldest of any
+        assert choose(waiting, room=4, decoding=["v2"]) == [0, 1, 2, 4]  # v1 and v2 decode
+        assert choose(waiting, room=2, decoding=[None]) == [0, 2]  # the oldest goes first
+        assert choose(waiting, room=9) == list(range(6))
+        assert choose(["v1"] * 5, room=3, decoding=["v2"]) == [0, 1, 2]  # one version: in order
+    else:  # one version a batch: the oldest's, in order, stopping at another
+        assert choose(waiting, room=3) == [0]
+        assert choose(["v1", "v1", "v2", "v1"], room=4) == [0, 1]
+        assert choose(["v1", "v1", "v1"], room=2) == [0, 1]
+        assert choose(["v1", "v1"], room=4, decoding=["v1"]) == [0, 1]
+
+
 def test_a_swap_is_merged_once_every_row_decodes_on_it(loaded, adapters):
     """Idle, a swap is merged at once. Busy, the new version is answered at once but merged
     only when the last row of the version before has finished: while both share the batch,

@@ -17,18 +17,20 @@ no more per token than the base model. Swaps go through the same queue, in order
 asked after a swap was requested is answered by the new version, and an answer in flight always
 finishes on the version it started with. Every row carries its version; a row whose version is
 not the merged one is computed through a per-row low-rank correction (`MergedWeights.mixed`),
-exact up to float rounding, so rows of several versions decode in one batch. When a swap
-reaches the head of the queue the worker reads and checks the whole folder (config, weights,
-shapes against the base model; a broken folder is refused and the active version keeps
-serving) and makes it the version new questions get. It merges it only once every row in the
-batch is on it (`_settle`), and then at once only when no row is left: a merge (one pass over
-the weights, ~2 steps of 8 rows) stalls every row decoding, so while rows are on it the worker
-first lets their corrections cost as much as the last merge did (a corrected 8-row step costs
-4-12 % more than a plain one, bot/engine/merging.py). While rows of two versions share the
-batch every step is corrected whichever version is merged, so merging earlier would only add
-the merge. Under frequent swaps with mixed batches nothing is merged at all. Questions queued
-on both sides of a swap are prefilled together, each row with its own version's weights (and
-prefix states), so swaps do not split admissions either.
+exact up to float rounding, so rows of several versions decode in one batch. The worker takes
+the whole queue between two steps: it applies the swaps in order (each folder read and checked
+whole: config, weights, shapes against the base model; a broken folder is refused and the
+version before keeps serving) and tags every question with the version its place gives.
+Admissions then take the oldest waiting question first and fill the batch with those on a
+version already in it before any other (`choose_admissions`): with swaps queued between
+waiting questions (a promotion and a rollback during a backlog), batches stay one version.
+A batch's version is merged (`_settle`) at once when newcomers alone make it up or no row is
+left; with rows decoding on it, once their corrections have cost as much as the last merge
+did (a merge, one pass over the weights, ~2 steps of 8 rows, stalls every row decoding; a
+corrected 8-row step costs 4-12 % more than a plain one, bot/engine/merging.py). While rows
+of two versions share the batch every step is corrected whichever version is merged, so
+merging then would only add the merge. Questions queued on both sides of a swap can still
+be prefilled together, each row with its own version's weights (and prefix states).
 (`mix_versions=False` drains instead: admissions stop until the running rows finish; the
 benchmark compares the two.) When the worker exits the adapter is unmerged: the `LoadedModel`
 is the base again.
@@ -50,6 +52,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -72,6 +75,7 @@ from bot.engine.types import (
 log = logging.getLogger(__name__)
 
 STOPPED = "the answer engine is stopped: the bot is shutting down or restarting; ask again shortly"
+_NONE = object()  # no version (None is one: the base model)
 ABORT_GRACE_S = 10.0  # after an abort, one decoding step at most
 # `generate`-style options the decode loop honours (greedy only; the benchmark forces lengths)
 SUPPORTED_OPTIONS = {"min_new_tokens", "suppress_tokens", "do_sample", "num_beams"}
@@ -170,15 +174,20 @@ class AnswerEngine:
         self._adapters: dict = {}  # the active adapter and the one before, for a cheap swap back
         self._active: str | None = None
         # a merge's cost (the last one's seconds; None: none yet) against what correcting the
-        # active version's rows has cost since it became active (see `_settle`)
+        # rows of one unmerged version (`_charged`) has cost since they were alone on it
+        # (see `_settle`)
         self._merge_seconds: float | None = None
         self._unmerged_seconds = 0.0
+        self._charged: object = _NONE  # the version `_unmerged_seconds` counts for
         self._stop_ids = _stop_token_ids(loaded)
         tokenizer = loaded.tokenizer
         self._pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._stop_ids)
         )
         self._pending: deque[_Job | _Swap] = deque()
+        # questions taken from the queue, each with the version it is to be answered by, until
+        # admitted (`_choose`); the worker's, read by `stop` and `stats` (under `_cond`)
+        self._waiting: list[tuple[_Job, str | None]] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._abort = threading.Event()
@@ -191,6 +200,7 @@ class AnswerEngine:
             "merges": 0,  # versions merged into the weights (a swap is merged once settled)
             "last_batch_size": 0,
             "steps": 0,
+            "corrected_steps": 0,  # steps with a row on a version other than the merged one
             "row_kernels": False,  # whether the worker computes steps with kernels.linear
             "row_kernel": None,  # which product: "skinny" or "weight on the left"
             "row_kernel_rows": None,  # {threads: the row counts it won} (None: all, or unused)
@@ -227,8 +237,9 @@ class AnswerEngine:
         """Refuse new work, fail what is queued, give the batch in flight `timeout` s to finish."""
         with self._cond:
             self._stopping = True
-            queued = list(self._pending)
+            queued = [*self._pending, *(job for job, _ in self._waiting)]
             self._pending.clear()
+            self._waiting.clear()
             self._cond.notify_all()
         for item in queued:
             _fail(item.future, EngineStopped(STOPPED))
@@ -299,7 +310,7 @@ class AnswerEngine:
         with self._cond:
             jobs = sum(isinstance(item, _Job) for item in self._pending)
             return {
-                "queue_depth": jobs,
+                "queue_depth": jobs + len(self._waiting),
                 "swaps_pending": len(self._pending) - jobs,
                 "active_version": self._active,
                 "merged_version": self._weights.version,
@@ -317,44 +328,49 @@ class AnswerEngine:
             self._pending.append(item)
             self._cond.notify()
 
-    def _next_work(self, *, running: int, can_join: bool) -> _Swap | list[_Job | _Swap] | None:
-        """What to do before the next step: swaps and newcomers, in queue order ([]: nothing
-        new), a lone swap (without `mix_versions`), or None.
+    def _next_work(self, *, running: int) -> list[_Job | _Swap] | None:
+        """What came in since the last step: swaps and questions, in queue order ([]: nothing
+        new), or None.
 
-        Blocks only when no row is decoding. None means: stopping and nothing left to finish.
-        With `mix_versions`, newcomers are taken across the swaps between them, in queue order
-        (each is answered by the version its place in the queue gives), so that one prefill
-        serves them all; a swap at the head with nothing to admit comes back alone. Without
-        it, a swap at the head stops admissions until the running rows have finished (drain).
+        Blocks only when no row is decoding and no question waits. None means: stopping and
+        nothing left to finish. With `mix_versions` the whole queue is taken: the worker
+        applies its swaps in order and each question waits (`_waiting`) with the version its
+        place in the queue gives, so that an admission can choose among them (`_choose`).
+        Without it, a swap at the head stops the taking until the running rows have finished
+        (drain), and comes back alone.
         """
         with self._cond:
-            while not self._pending and not running and not self._stopping:
+            while not self._pending and not self._waiting and not running and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return [] if running else None
-            if not self._pending:
-                return []
-            if isinstance(self._pending[0], _Swap) and not self.mix_versions:
-                return [] if running else self._pending.popleft()
-            work: list[_Job | _Swap] = []
-            if running and not can_join:  # no newcomer can join now; swaps still apply
-                while self._pending and isinstance(self._pending[0], _Swap):
-                    work.append(self._pending.popleft())
+            if self.mix_versions:
+                work = list(self._pending)
+                self._pending.clear()
                 return work
-            room = self.batch_size - running
-            while self._pending:
-                if isinstance(self._pending[0], _Swap):
-                    if not self.mix_versions:
-                        break
-                    work.append(self._pending.popleft())  # applies now, even to a full batch
-                    continue
-                if not room:
-                    break
-                job = self._pending.popleft()
-                if job.future.set_running_or_notify_cancel():  # False: the caller gave up
-                    work.append(job)
-                    room -= 1
+            if self._pending and isinstance(self._pending[0], _Swap):
+                return [] if running or self._waiting else [self._pending.popleft()]
+            work: list[_Job | _Swap] = []
+            while self._pending and not isinstance(self._pending[0], _Swap):
+                work.append(self._pending.popleft())
             return work
+
+    def _choose(self, room: int, keys: list[str | None]) -> tuple[list[_Job], list[str | None]]:
+        """The waiting questions to admit into `room` free rows beside rows on versions `keys`
+        (`choose_admissions`), and their versions."""
+        with self._cond:
+            self._waiting = [entry for entry in self._waiting if not entry[0].future.cancelled()]
+            taken = choose_admissions(
+                [version for _, version in self._waiting],
+                room=room,
+                decoding=keys,
+                mixing=self.mix_versions,
+            )
+            chosen = [self._waiting[index] for index in taken]
+            left = set(range(len(self._waiting))) - set(taken)
+            self._waiting = [self._waiting[index] for index in sorted(left)]
+        chosen = [(job, v) for job, v in chosen if job.future.set_running_or_notify_cancel()]
+        return [job for job, _ in chosen], [v for _, v in chosen]
 
     def _run(self) -> None:
         import torch
@@ -403,22 +419,25 @@ class AnswerEngine:
             self._tuner = ThreadTuner(most=torch.get_num_threads())
         try:
             while True:
-                work = self._next_work(running=len(batch), can_join=batch.can_join)
+                work = self._next_work(running=len(batch))
                 if work is None:
                     return
-                if isinstance(work, _Swap):
-                    work = [work]
-                jobs, versions, swapped = [], [], []
-                for item in work:  # swaps first, in order; each job keeps its place's version
+                swapped = []
+                for item in work:  # swaps first, in order; each question keeps its place's version
                     if isinstance(item, _Swap):
-                        if self._swap(item, keep={*batch.keys, *versions}):
+                        with self._cond:
+                            waiting = {version for _, version in self._waiting}
+                        if self._swap(item, keep={*batch.keys, *waiting}):
                             swapped.append(item)
                     else:
-                        jobs.append(item)
-                        versions.append(self._active)
+                        with self._cond:
+                            self._waiting.append((item, self._active))
+                jobs, versions = [], []
+                if not len(batch) or batch.can_join:
+                    jobs, versions = self._choose(self.batch_size - len(batch), batch.keys)
                 try:
-                    # merge the active version once no row (running or joining) needs another
-                    # and, with rows, once it pays
+                    # merge the version of every row (running or joining) if they share one:
+                    # at once for newcomers alone, else once it pays
                     self._settle(batch, [*batch.keys, *versions])
                     for swap in swapped:  # done: applied, and merged unless rows decode
                         with contextlib.suppress(InvalidStateError):
@@ -434,7 +453,8 @@ class AnswerEngine:
                             keys, started = batch.keys, time.perf_counter()
                             self._step(batch)
                             self._charge(time.perf_counter() - started, keys)
-                    if len(batch) or not self._pending:  # else: the newcomers' versions decide
+                    if len(batch) or not (self._pending or self._waiting):  # else: the
+                        # next admission's versions decide
                         self._settle(batch, batch.keys)  # the last row of another version left?
                 except Exception as exc:  # a bug must not kill the worker and hang every caller
                     log.exception("the engine worker failed while decoding")
@@ -523,13 +543,14 @@ class AnswerEngine:
                 _fail(row.job.future, EngineStopped(STOPPED))
             return
         tuner = self._tuner
+        # a corrected step (rows of another version) is slower: no probe, no sample
+        corrected = any(key != self._weights.version for key in batch.keys)
+        self._counts["corrected_steps"] += corrected
         if tuner is None:
             logits = batch.step(batch.tokens)
         else:
             import torch
 
-            # a corrected step (rows of another version) is slower: no probe, no sample
-            corrected = any(key != self._weights.version for key in batch.keys)
             threads = tuner.choice if corrected else tuner.threads_for(len(batch))
             if threads != torch.get_num_threads():  # a probe's count must not linger
                 torch.set_num_threads(threads)
@@ -625,7 +646,6 @@ class AnswerEngine:
             )
             return False
         self._counts["swaps"] += 1
-        self._unmerged_seconds = 0.0  # a new version: its rows' corrections are counted anew
         log.info(
             "adapter %s -> %s (read in %.2f s)",
             before, swap.version, time.perf_counter() - swap.started,
@@ -650,48 +670,90 @@ class AnswerEngine:
         self._active = version
 
     def _settle(self, batch, keys: list[str | None]) -> None:
-        """Merge the active version into the weights once every row in `keys` (those decoding
-        and those about to join) decodes on it, and either no row is left or correcting its
-        rows has cost as much as a merge: from then on it costs nothing.
+        """Merge the version every row in `keys` (those decoding and those about to join)
+        decodes on (none: the active version) into the weights, once either no row is left or
+        correcting its rows has cost as much as a merge: from then on it costs nothing.
 
-        Until then the rows of the active version are corrected like any other (a corrected
-        step costs 4-12 % more than a plain one; a merge, ~2 steps of 8 rows, and the rows
-        of another version would then be corrected anyway): under frequent swaps with mixed
+        Until then the rows of that version are corrected like any other (a corrected step
+        costs 4-12 % more than a plain one; a merge, ~2 steps of 8 rows, and the rows of
+        another version would then be corrected anyway): under frequent swaps with mixed
         batches nothing is merged at all. With rows decoding, the merge would stall every one
         of them, while their corrections may be over in a few steps: it waits until those
         corrections' share (`corrected_share` of the steps' time, `_charge`) has reached the
         last merge's time (the ski-rental rule: about twice, at most, what the better choice
         made knowing when the rows finish would cost). An engine left without rows merges at
-        once; the first merge too (no measured cost yet).
+        once, and so does one about to admit newcomers alone (all their answers are ahead of
+        them: corrections of ~10 % over a whole answer outweigh a merge of ~2 steps); the first
+        merge too (no measured cost yet), and every one without `mix_versions` (no row is
+        ever corrected then).
         """
-        if not self._unmerged_alone(keys):
+        version = self._lone_version(keys)
+        if version is _NONE:
             return
         if (
-            keys
+            len(batch)  # rows decoding (newcomers alone have their whole answers ahead)
+            and self.mix_versions
             and self._merge_seconds is not None
-            and self._unmerged_seconds < self._merge_seconds
+            and (self._charged != version or self._unmerged_seconds < self._merge_seconds)
         ):
             return
         started = time.perf_counter()
-        active = self._active
-        self._weights.apply(None if active is None else self._adapters[active])
-        batch.use_weights(self._active)  # the prefix's keys and values are per version
+        self._weights.apply(None if version is None else self._adapters[version])
+        batch.use_weights(version)  # the prefix's keys and values are per version
         self._merge_seconds = time.perf_counter() - started
-        self._unmerged_seconds = 0.0
+        self._unmerged_seconds, self._charged = 0.0, _NONE
         self._counts["merges"] += 1
-        log.info("adapter %s merged in %.2f s", self._active, self._merge_seconds)
+        log.info("adapter %s merged in %.2f s", version, self._merge_seconds)
 
     def _charge(self, seconds: float, keys: list[str | None]) -> None:
-        """Count what a step or prefill of rows `keys` paid for the active version not being
-        merged: its corrections' share of `seconds`, when every row was on that version (a
+        """Count what a step or prefill of rows `keys` paid for their version not being
+        merged: its corrections' share of `seconds`, when every row was on one version (a
         merge would have spared them all)."""
-        if keys and self._unmerged_alone(keys):
-            self._unmerged_seconds += seconds * self.corrected_share
+        version = self._lone_version(keys) if keys else _NONE
+        if version is _NONE:
+            return
+        if version != self._charged:  # another version: its corrections are counted anew
+            self._charged, self._unmerged_seconds = version, 0.0
+        self._unmerged_seconds += seconds * self.corrected_share
 
-    def _unmerged_alone(self, keys: list[str | None]) -> bool:
-        """Whether the active version is not the merged one and every row in `keys` is on it
-        (none: true), so that merging it would leave nothing to correct."""
-        return self._weights.version != self._active and all(k == self._active for k in keys)
+    def _lone_version(self, keys: list[str | None]) -> object:
+        """The version every row in `keys` is on (none: the active one) when it is not the
+        merged one, so that merging it would leave nothing to correct; else `_NONE`."""
+        version = keys[0] if keys else self._active
+        if version == self._weights.version or any(key != version for key in keys):
+            return _NONE
+        return version
+
+
+def choose_admissions(
+    waiting: Sequence[str | None], *, room: int, decoding: Sequence[str | None], mixing: bool
+) -> list[int]:
+    """Which waiting questions (their versions, oldest first) to admit into `room` free rows
+    beside rows decoding on versions `decoding`: their indices, in queue order.
+
+    The oldest first; then, oldest first, those on a version already decoding or taken; then
+    any. Rows on one version decode on the merged weights, while each other version in a batch
+    costs every step a correction (8-16 % with two versions): when swaps queue between
+    waiting questions, batches by version are cheaper. A question is passed over only by
+    newer ones on a version already in the batch, and each admission takes the oldest, so
+    none waits long; without swaps between them, this is queue order. Without `mixing` (a
+    batch holds one version), only the oldest and those right after it on its version, which
+    must be the version decoding.
+    """
+    if not room or not waiting:
+        return []
+    if not mixing:
+        version = decoding[0] if decoding else waiting[0]
+        taken = []
+        for index, waiting_version in enumerate(waiting):
+            if waiting_version != version or len(taken) == room:
+                break
+            taken.append(index)
+        return taken
+    versions = {*decoding, waiting[0]}
+    alike = [index for index in range(1, len(waiting)) if waiting[index] in versions]
+    others = [index for index in range(1, len(waiting)) if waiting[index] not in versions]
+    return sorted([0, *(alike + others)[: room - 1]])
 
 
 def _stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
