@@ -193,21 +193,63 @@ def test_from_settings_loads_the_configured_model(make_settings):
     assert result.adapter_version is None
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc")
-def test_a_cpu_model_holds_its_weights_in_its_own_memory(tiny_model_dir, tmp_path):
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding `address`."""
+    fields, inside = {}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: its address range
+            start, end = (int(bound, 16) for bound in head.split("-"))
+            inside = start <= address < end
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc")
+def test_a_cpu_model_holds_its_weights_in_huge_page_memory_of_its_own(tiny_model_dir, tmp_path):
     """Not in the safetensors file's copy-on-write map, where the first adapter merge would
-    fault in every page while rows decode (1.2 s for SmolLM2-135M); tied weights stay tied."""
-    loaded = load_base_model(str(tiny_model_dir), device="cpu", cache_dir=tmp_path)
-    files = {str(path.resolve()) for path in Path(tiny_model_dir).glob("*.safetensors")}
+    fault in every page while rows decode (1.2 s for SmolLM2-135M): each weight copied once
+    (tied ones stay one), its values the file's, in one region the kernel may back with 2 MiB
+    pages where its transparent huge page setting allows them."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    wide = tmp_path / "wide"  # the tiny model's tokenizer, weights of 21 MB
+    shutil.copytree(tiny_model_dir, wide)
+    config = AutoConfig.from_pretrained(wide)
+    config.hidden_size, config.intermediate_size = 512, 1024
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(wide)
+    loaded = load_base_model(str(wide), device="cpu", cache_dir=tmp_path / "cache")
+    model, files = loaded.model, {str(path.resolve()) for path in wide.glob("*.safetensors")}
     mapped = {
         line.split(maxsplit=5)[5]
         for line in Path("/proc/self/maps").read_text().splitlines()
         if len(line.split(maxsplit=5)) == 6
     }
     assert files and not files & mapped
-    model = loaded.model
-    if model.config.tie_word_embeddings:
-        assert model.lm_head.weight is model.model.embed_tokens.weight
+    saved = load_file(wide / "model.safetensors")
+    named = dict(model.named_parameters())
+    assert named and all(torch.equal(named[name], saved[name]) for name in named)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if setting.exists() and "[never]" not in setting.read_text():
+        region = _mapping_of(model.model.embed_tokens.weight.data_ptr())
+        assert region.get("THPeligible") == "1"
+
+
+def test_weights_already_in_memory_of_their_own_are_not_copied():
+    import torch
+
+    from bot.engine.loading import own_weights
+
+    model = torch.nn.Linear(1024, 2048)  # built here: no file behind it
+    addresses = [parameter.data_ptr() for parameter in model.parameters()]
+    own_weights(model)
+    assert [parameter.data_ptr() for parameter in model.parameters()] == addresses
 
 
 # timeouts and stopping
