@@ -178,13 +178,13 @@ def own_weights(model, *, huge_pages: bool = True) -> None:
         start <= parameter.data_ptr() < end for parameter in parameters for start, end in mapped
     ):
         return
-    sizes = [parameter.numel() * parameter.element_size() for parameter in parameters]
-    spans = [-(-size // 4096) * 4096 for size in sizes]  # each weight on its own 4 KiB page
     with torch.no_grad():
         if not huge_pages or not hasattr(mmap, "MADV_HUGEPAGE"):
             for parameter in parameters:
                 parameter.data = parameter.data.clone()
             return
+        sizes = [parameter.numel() * parameter.element_size() for parameter in parameters]
+        spans = [-(-size // 4096) * 4096 for size in sizes]  # each on its own 4 KiB pages
         # private: a shared anonymous map is shmem, which takes no huge pages here
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         region = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=flags)
