@@ -739,12 +739,13 @@ def test_questions_queued_across_swaps_are_batched_by_version(loaded, adapters):
     version's own. (In queue order, v0001 and v0002 would share the first batch.)"""
     questions = QUESTIONS[:2]
     request = {q: AnswerRequest(q, max_new_tokens=6) for q in questions}
+    options = {"min_new_tokens": 6}  # every row decodes 6 steps, a stop token or not
     reference = {}
-    for version in ("v0001", "v0002"):
-        with make_engine(loaded) as engine:
+    for version in ("v0001", "v0002"):  # under the same options: a stop token is kept out of both
+        with make_engine(loaded, generate_options=options) as engine:
             engine.set_adapter(version, adapters[version]).result(timeout=WAIT)
             reference[version] = [engine.answer(request[q], timeout=WAIT).text for q in questions]
-    with make_engine(loaded, batch_size=4, generate_options={"min_new_tokens": 6}) as engine:
+    with make_engine(loaded, batch_size=4, generate_options=options) as engine:
         gate = Gate()
         first = engine.submit(AnswerRequest(QUESTIONS[4], max_new_tokens=1), on_partial=gate)
         assert gate.entered.wait(WAIT)  # the worker waits inside the first answer's prefill
