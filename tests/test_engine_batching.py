@@ -458,6 +458,90 @@ def bf16(loaded, tmp_path):
     return load_base_model(str(folder), device="cpu", cache_dir=tmp_path / "c", dtype="bfloat16")
 
 
+@pytest.mark.parametrize("flags", ["native", "avx2"])
+def test_the_kernel_layer_step_runs_bf16_weights_over_a_bf16_cache(
+    bf16, library, monkeypatch, tmp_path, flags
+):
+    """A bf16 model with the kernel installed: every layer of its prefills and steps one call
+    of the kernel, reading bf16 weights and a bf16 cache (rows padded, a prefix, a row
+    leaving, the buffers regrown). Its sums and stream stay float32, so its logits are those
+    of the same bf16 weights computed in float32 (a twin float32 model on the same cache
+    values) within the rounding of what the cache keeps, and within bf16's noise of the
+    transformers forward in bf16 (which rounds after every op, and strays further from them)."""
+    from bot.engine import kernels, skinny
+    from bot.engine.decoding import GrowingLayer
+
+    if flags == "avx2":
+        avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
+        library = skinny.load(folder=tmp_path / "avx2", flags=avx2)
+        assert library.skinny_vector_width() == 8
+    model, pad = bf16.model, bf16.tokenizer.pad_token_id
+    wide = type(model)(model.config)  # the same bf16 values, computed in float32
+    wide.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    wide.eval()
+    calls, bind = [], skinny.layer_step
+
+    def counted(*args, **kwargs):
+        step = bind(*args, **kwargs)
+
+        def stepping(x, *rest, where=None):
+            calls.append((x.shape[0], where is not None, rest[2].dtype))
+            return step(x, *rest, where=where)
+
+        return stepping
+
+    monkeypatch.setattr(skinny, "layer_step", counted)
+    monkeypatch.setattr(GrowingLayer, "spare", 3)
+    kernels.install(model, library=library)
+    batches = {
+        name: DecodeBatch(twin, pad_id=pad, device="cpu", lean=lean)
+        for name, twin, lean in (("kernel", model, True), ("bf16", model, False),
+                                 ("float32", wide, False))
+    }  # fmt: skip
+    joins = {0: [QUESTIONS[0], QUESTIONS[2] * 3], 2: [QUESTIONS[4] * 2], 4: [QUESTIONS[1]]}
+    prefills: dict[str, list] = {name: [] for name in batches}
+    steps: dict[str, list] = {name: [] for name in batches}
+    tokens = torch.zeros(0, dtype=torch.long)  # all three follow the kernel's tokens
+    try:
+        with torch.inference_mode():
+            for step in range(10):
+                for name, batch in batches.items():
+                    if step == 2:
+                        batch.set_prefix(prompt_ids(bf16, QUESTIONS[4])[:5])
+                    if step in joins:
+                        ids = [prompt_ids(bf16, q) for q in joins[step]]
+                        prefills[name].append(batch.join(ids, list(range(len(ids)))).float())
+                    if step == 7:
+                        batch.keep(list(range(1, len(batch))))
+                if step in joins:
+                    tokens = torch.cat([tokens, prefills["kernel"][-1].argmax(-1)])
+                if step == 7:
+                    tokens = tokens[1:]
+                # the float32 twin steps on the bf16 cache's values: only this step's own
+                # keys and values (rounded as the kernel stores them) and the stream's final
+                # rounding set it apart
+                twin, own = batches["float32"].cache.layers, batches["kernel"].cache.layers
+                for layer, kept in zip(twin, own, strict=True):
+                    layer.keys.copy_(kept.keys)
+                    layer.values.copy_(kept.values)
+                for name, batch in batches.items():
+                    steps[name].append(batch.step(tokens).float())
+                tokens = steps["kernel"][-1].argmax(-1)
+    finally:
+        kernels.uninstall(model)
+    layers = len(model.model.layers)
+    assert len(calls) == (10 + len(joins)) * layers  # every prefill and step: the kernel's
+    assert {dtype for _, _, dtype in calls} == {torch.bfloat16}  # over the bf16 cache
+    assert sum(where for _, where, _ in calls) == len(joins) * layers
+    for kind, logits in (("prefill", prefills), ("step", steps)):
+        for got, low, wide_logits in zip(*logits.values(), strict=True):
+            scale = low.abs().max()
+            # measured: within 0.3-1.0 % of the largest logit of the float32 computation,
+            # where the transformers forward in bf16 strays 1.4-4.7 % from it
+            assert (got - wide_logits).abs().max() < scale * (2**-6 if kind == "prefill" else 2**-7)
+            assert (got - low).abs().max() < scale * 2**-4, kind  # bf16's own noise
+
+
 def test_bf16_merges_are_computed_from_the_base_file_and_keep_nothing_resident(bf16, adapters):
     from safetensors.torch import load_file
 
@@ -549,7 +633,9 @@ def test_a_bf16_engine_decodes_through_the_skinny_kernel(bf16, adapters, library
         skinny.product = original
         kernels.uninstall(model)
     assert calls and set(calls) == {torch.bfloat16}  # the products ran through it
-    noise = plain.abs().max() * 2**-6  # a few bf16 steps of the largest logit
+    # bf16's own noise: through torch's ops a bf16 step rounds after every op, the kernel's
+    # layer step only what the cache keeps (see the layer step's bf16 test above)
+    noise = plain.abs().max() * 2**-4
     assert (through - plain).abs().max() < noise
     with make_engine(bf16, row_kernels=True) as engine:
         base = [engine.answer(q, timeout=WAIT).text for q in QUESTIONS[:3]]

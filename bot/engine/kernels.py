@@ -34,8 +34,8 @@ AVX-512 EPYC the kernel ran a 96-row prefill's products at 1.3x the speed of MKL
 pass sums in registers) is measured at each count past the batch size (a prefill's;
 `measure_shapes`; ~2 s at a start): on an AVX-512 EPYC 4 x 6 or 5 x 5 ran a prefill in
 ~0.75-0.85 of the default 3 x 8's time.
-bf16 weights go through the skinny kernel only (widened to float32 as it reads them); without
-it, `F.linear`.
+bf16 weights go through the skinny kernel only (widened to float32 as it reads them; a
+decoding step's layers too, over a bf16 cache); without it, `F.linear`.
 
 Results differ from `F.linear` in float rounding only (the sums run in another order: < 2e-4
 absolute on the model's layers). The layers keep their weights and their state dict: only the

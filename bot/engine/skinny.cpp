@@ -282,13 +282,30 @@ extern "C" void skinny_linear_bf16(const float *x, const uint16_t *w, float *y, 
 // dispatch and a few microseconds: ~10 ms of a 33 ms batch-1 step (AVX-512 EPYC, 6 Dec 2026).
 // Here the whole layer is one parallel region, its phases separated by barriers.
 
-static inline float dot(const float *a, const float *b, long n) {
+template <typename C>
+static inline float dot(const float *a, const C *b, long n) {
   vec acc = vzero();
   long k = 0;
   for (; k + VW <= n; k += VW) acc = vfma(vload(a + k), vload(b + k), acc);
   float s = vsum(acc);
-  for (; k < n; k++) s += a[k] * b[k];
+  for (; k < n; k++) s += a[k] * scalar(b[k]);
   return s;
+}
+
+// A row written into the cache: copied (float32), or rounded to bfloat16 (to nearest, ties
+// to even, as torch rounds; a NaN stays a NaN).
+static inline void store_row(float *out, const float *in, long n) {
+  memcpy(out, in, n * sizeof(float));
+}
+static inline void store_row(uint16_t *out, const float *in, long n) {
+  for (long i = 0; i < n; i++) {
+    uint32_t bits;
+    memcpy(&bits, in + i, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+      out[i] = (uint16_t)((bits >> 16) | 0x40);
+    else
+      out[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  }
 }
 
 // e^x, Cephes' expf on a vector: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its degree-7
@@ -331,8 +348,8 @@ static void rms_norm_rows(const float *x, const float *weight, float *out, long 
 // Attention of the G query heads that share one kv head, for one row (heads of DV vectors):
 // each key and value is read once for all G, and the G outputs are summed in registers.
 // query and out: the G heads side by side; scores: G x L scratch.
-template <int G, int DV>
-static void attend_group(const float *query, const float *keys, const float *values,
+template <int G, int DV, typename C>
+static void attend_group(const float *query, const C *keys, const C *values,
                          const int64_t *allowed, long L, float scale, float *scores,
                          float *out) {
   constexpr long D = DV * VW;
@@ -392,7 +409,8 @@ static void attend_group(const float *query, const float *keys, const float *val
 
 // Attention of one query head of any size D (where no grouped form is built): the scores
 // through `dot`, one head at a time. scores: L scratch.
-static void attend_head(const float *query, const float *keys, const float *values,
+template <typename C>
+static void attend_head(const float *query, const C *keys, const C *values,
                         const int64_t *allowed, long L, long D, float scale, float *scores,
                         float *out) {
   float best = -INFINITY;
@@ -407,48 +425,51 @@ static void attend_head(const float *query, const float *keys, const float *valu
     if (allowed && !allowed[c]) continue;  // padding: its weight is 0, whatever it holds
     const float weight = scores[c];
     total += weight;
-    const float *value = values + c * D;
-    for (long d = 0; d < D; d++) out[d] += weight * value[d];
+    const C *value = values + c * D;
+    for (long d = 0; d < D; d++) out[d] += weight * scalar(value[d]);
   }
   const float norm = total > 0.0f ? 1.0f / total : 0.0f;
   for (long d = 0; d < D; d++) out[d] *= norm;
 }
 
-typedef void (*attend_fn)(const float *, const float *, const float *, const int64_t *, long,
-                          float, float *, float *);
+template <typename C>
+using attend_fn = void (*)(const float *, const C *, const C *, const int64_t *, long, float,
+                           float *, float *);
 
-template <int G>
-static attend_fn attend_with(long DV) {
+template <int G, typename C>
+static attend_fn<C> attend_with(long DV) {
   switch (DV) {
-    case 1: return attend_group<G, 1>;
-    case 2: return attend_group<G, 2>;
-    case 4: return attend_group<G, 4>;
-    case 8: return attend_group<G, 8>;
+    case 1: return attend_group<G, 1, C>;
+    case 2: return attend_group<G, 2, C>;
+    case 4: return attend_group<G, 4, C>;
+    case 8: return attend_group<G, 8, C>;
     default: return nullptr;
   }
 }
 
 // The grouped attention for G query heads a kv head and head_dim D, where one is built
 // (G <= 8, D = 1, 2, 4 or 8 vectors); null: `attend_head`, one head at a time.
-static attend_fn attend_for(long G, long D) {
+template <typename C>
+static attend_fn<C> attend_for(long G, long D) {
   if (D % VW) return nullptr;
   switch (G) {
-    case 1: return attend_with<1>(D / VW);
-    case 2: return attend_with<2>(D / VW);
-    case 3: return attend_with<3>(D / VW);
-    case 4: return attend_with<4>(D / VW);
-    case 5: return attend_with<5>(D / VW);
-    case 6: return attend_with<6>(D / VW);
-    case 7: return attend_with<7>(D / VW);
-    case 8: return attend_with<8>(D / VW);
+    case 1: return attend_with<1, C>(D / VW);
+    case 2: return attend_with<2, C>(D / VW);
+    case 3: return attend_with<3, C>(D / VW);
+    case 4: return attend_with<4, C>(D / VW);
+    case 5: return attend_with<5, C>(D / VW);
+    case 6: return attend_with<6, C>(D / VW);
+    case 7: return attend_with<7, C>(D / VW);
+    case 8: return attend_with<8, C>(D / VW);
     default: return nullptr;
   }
 }
 
 // One projection of the layer: y (M x N) = in W^T (+ y if accumulate), and where E > 0 the
 // per-row LoRA correction as in skinny_linear_corrected (low: M x E scratch).
+template <typename T>
 struct Projection {
-  const float *w;
+  const T *w;
   float *y;
   long N;
   const float *a, *mask, *bt;
@@ -459,8 +480,9 @@ struct Projection {
 
 // The products of projections that share their input, then a barrier; their low-rank
 // corrections first where any has one (the same decision on every thread: the barriers match).
-static void project(int shape, const float *in, long M, long K, const Projection *p, int count,
-                    int threads) {
+template <typename T>
+static void project(int shape, const float *in, long M, long K, const Projection<T> *p,
+                    int count, int threads) {
   bool corrected = false;
   for (int i = 0; i < count; i++) corrected = corrected || p[i].E > 0;
   if (corrected) {  // low = (in A^T) * mask, the mask applied as each sum is stored
@@ -471,7 +493,7 @@ static void project(int shape, const float *in, long M, long K, const Projection
 #pragma omp barrier
   }
   for (int i = 0; i < count; i++)
-    product_tasks<float>(shape, in, p[i].w, p[i].y, M, K, p[i].N, threads,
+    product_tasks<T>(shape, in, p[i].w, p[i].y, M, K, p[i].N, threads,
                          p[i].E > 0 ? p[i].low : nullptr, p[i].bt, p[i].E, p[i].accumulate);
 #pragma omp barrier
 }
@@ -487,7 +509,7 @@ extern "C" void skinny_linear_corrected(const float *x, const float *w, float *y
                                         const float *bt, long E) {
   if (threads < 1) threads = 1;
   std::unique_ptr<float[]> low(new float[M * E]);
-  const Projection p = {w, y, N, a, mask, bt, E, low.get(), false};
+  const Projection<float> p = {w, y, N, a, mask, bt, E, low.get(), false};
   const int shape = shape_for(M);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   project(shape, x, M, K, &p, 1, threads);
@@ -512,18 +534,20 @@ static inline void rotate(float *v, const float *cos, const float *sin, long D) 
 //   i / (heads / kv_heads), softmax(q k^T * scale) v (a prefill's rows of one sequence see
 //   each other's keys: all are written before any attends);
 //   x += att Wo^T; h = norm2(x); x += (silu(h Wg^T) * h Wu^T) Wd^T.
-// w: the 7 weights q, k, v, o, gate, up, down (float32, out x in). ext_a, ext_mask, ext_bt,
-// ext_e: null, or per projection the per-row correction's stacked A (E x in), mask (M x E),
-// scaled B (out x E) and E (0: none), as skinny_linear_corrected takes them.
-extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long kv_heads, long D,
-                                    long I, const float *norm1, const float *norm2, float eps,
-                                    const float *const *w, const float *const *ext_a,
-                                    const float *const *ext_mask, const float *const *ext_bt,
-                                    const long *ext_e, const float *cos, const float *sin,
-                                    float *kcache, float *vcache, long capacity, long length,
-                                    const int64_t *seqs, const int64_t *cols,
-                                    const int64_t *mask, long mask_width, float scale,
-                                    int threads) {
+// w: the 7 weights q, k, v, o, gate, up, down (out x in) and the caches, both of type T:
+// float32, or bfloat16 (`skinny_decode_layer_bf16`: the weights widened as they are read, a
+// cache's keys and values widened as attention reads them and rounded as they are written;
+// x, the norms and every sum stay float32). ext_a, ext_mask, ext_bt, ext_e: null, or per
+// projection the per-row correction's stacked A (E x in), mask (M x E), scaled B (out x E)
+// and E (0: none), float32, as skinny_linear_corrected takes them.
+template <typename T>
+static void decode_layer(float *x, long M, long H, long heads, long kv_heads, long D, long I,
+                         const float *norm1, const float *norm2, float eps, const T *const *w,
+                         const float *const *ext_a, const float *const *ext_mask,
+                         const float *const *ext_bt, const long *ext_e, const float *cos,
+                         const float *sin, T *kcache, T *vcache, long capacity, long length,
+                         const int64_t *seqs, const int64_t *cols, const int64_t *mask,
+                         long mask_width, float scale, int threads) {
   if (threads < 1) threads = 1;
   const long Nq = heads * D, Nk = kv_heads * D, group_size = heads / kv_heads;
   long L = length + 1;  // the most columns a row attends to
@@ -537,7 +561,7 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
   float *outputs[7] = {q, k, v, x, g, u, x};
   const long widths[7] = {Nq, Nk, Nk, H, I, I, H};
   std::vector<float> lows[7];
-  Projection p[7];
+  Projection<T> p[7];
   for (int i = 0; i < 7; i++) {
     const long E = ext_e ? ext_e[i] : 0;
     if (E > 0) lows[i].resize(M * E);
@@ -545,7 +569,7 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
             E > 0 ? ext_mask[i] : nullptr, E > 0 ? ext_bt[i] : nullptr, E,
             E > 0 ? lows[i].data() : nullptr, i == 3 || i == 6};
   }
-  const attend_fn grouped = attend_for(group_size, D);
+  const attend_fn<T> grouped = attend_for<T>(group_size, D);
   const int shape = shape_for(M);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -560,9 +584,10 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
       } else {
         const long seq = seqs ? seqs[m] : m, col = cols ? cols[m] : length;
         const long kv = head - heads, at = ((seq * kv_heads + kv) * capacity + col) * D;
-        memcpy(kcache + at, k + m * Nk + kv * D, D * sizeof(float));
-        memcpy(vcache + at, v + m * Nk + kv * D, D * sizeof(float));
-        rotate(kcache + at, cos + m * D, sin + m * D, D);
+        float *key = k + m * Nk + kv * D;
+        rotate(key, cos + m * D, sin + m * D, D);  // in the scratch: then stored as T
+        store_row(kcache + at, key, D);
+        store_row(vcache + at, v + m * Nk + kv * D, D);
       }
     }
     if (grouped) {
@@ -600,6 +625,35 @@ extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long k
     }
     project(shape, g, M, I, p + 6, 1, threads);
   }
+}
+
+extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long kv_heads, long D,
+                                    long I, const float *norm1, const float *norm2, float eps,
+                                    const float *const *w, const float *const *ext_a,
+                                    const float *const *ext_mask, const float *const *ext_bt,
+                                    const long *ext_e, const float *cos, const float *sin,
+                                    float *kcache, float *vcache, long capacity, long length,
+                                    const int64_t *seqs, const int64_t *cols,
+                                    const int64_t *mask, long mask_width, float scale,
+                                    int threads) {
+  decode_layer<float>(x, M, H, heads, kv_heads, D, I, norm1, norm2, eps, w, ext_a, ext_mask,
+                      ext_bt, ext_e, cos, sin, kcache, vcache, capacity, length, seqs, cols,
+                      mask, mask_width, scale, threads);
+}
+
+extern "C" void skinny_decode_layer_bf16(float *x, long M, long H, long heads, long kv_heads,
+                                         long D, long I, const float *norm1, const float *norm2,
+                                         float eps, const uint16_t *const *w,
+                                         const float *const *ext_a, const float *const *ext_mask,
+                                         const float *const *ext_bt, const long *ext_e,
+                                         const float *cos, const float *sin, uint16_t *kcache,
+                                         uint16_t *vcache, long capacity, long length,
+                                         const int64_t *seqs, const int64_t *cols,
+                                         const int64_t *mask, long mask_width, float scale,
+                                         int threads) {
+  decode_layer<uint16_t>(x, M, H, heads, kv_heads, D, I, norm1, norm2, eps, w, ext_a, ext_mask,
+                         ext_bt, ext_e, cos, sin, kcache, vcache, capacity, length, seqs, cols,
+                         mask, mask_width, scale, threads);
 }
 
 // The vector exp alone (its test: tests/test_engine_skinny.py): out[i] = e^in[i].

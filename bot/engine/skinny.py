@@ -155,6 +155,7 @@ def load(*, folder: Path | None = None, flags: tuple[str, ...] = FLAGS):
                     (library.skinny_linear_bf16, product),
                     (library.skinny_linear_corrected, corrected),
                     (library.skinny_decode_layer, layer),
+                    (library.skinny_decode_layer_bf16, layer),
                 ):
                     function.argtypes = argtypes
                     function.restype = None
@@ -316,13 +317,19 @@ def layer_step(
     """A Llama-family layer over one token a row in one call of the kernel, bound once: a
     function `step(x, cos, sin, keys, values, length, mask, extensions=None, *, where=None)`.
 
-    `weights`: the layer's 7 projection weights (q, k, v, o, gate, up, down; float32, out x in,
-    contiguous, no biases); `norms`: the input and post-attention RMSNorm weights. A step then
-    takes x (rows x hidden, float32, the residual stream: updated in place), cos and sin (rows
-    x head_dim, the rotary embedding of each row's position), the cache buffers `keys` and
-    `values` (sequences x kv_heads x capacity x head_dim, contiguous), the padding `mask`
-    (sequences x columns, int64, 0 = padding; None: every column) and, per projection, None or
-    the per-row LoRA correction `(a_rows, b_cols, mask)` that `corrector` takes.
+    `weights`: the layer's 7 projection weights (q, k, v, o, gate, up, down; float32 or all
+    bfloat16, out x in, contiguous, no biases); `norms`: the input and post-attention RMSNorm
+    weights (float32). A step then takes x (rows x hidden, float32, the residual stream:
+    updated in place), cos and sin (rows x head_dim, float32, the rotary embedding of each
+    row's position), the cache buffers `keys` and `values` (sequences x kv_heads x capacity x
+    head_dim, contiguous, the weights' dtype), the padding `mask` (sequences x columns, int64,
+    0 = padding; None: every column) and, per projection, None or the per-row LoRA correction
+    `(a_rows, b_cols, mask)` that `corrector` takes (float32 weights only).
+
+    With bfloat16 weights the cache is bfloat16 too, as the transformers forward keeps it:
+    weights and cached keys and values are widened as they are read, a new key or value is
+    rounded once as it is written, and everything between (the residual stream, norms, RoPE,
+    attention, SiLU) is float32; through torch's ops a bf16 model rounds after every op.
 
     A decoding step (`where` None): row i is sequence i, its keys and values written into
     column `length`, the mask `length + 1` wide. A prefill: `where = (seqs, cols)` (int64,
@@ -351,14 +358,21 @@ def layer_step(
         or heads % kv_heads
         or head_dim % 2
         or tuple(tuple(w.shape) for w in weights) != shapes
-        or any(n.shape != (hidden,) for n in norms)
-        or any(t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu for t in tensors)
+        or any(n.shape != (hidden,) or n.dtype != torch.float32 for n in norms)
+        or q.dtype not in DTYPES
+        or any(w.dtype != q.dtype for w in weights)
+        or any(not t.is_contiguous() or not t.is_cpu for t in tensors)
     ):
         raise ValueError(
             f"weights {[tuple(w.shape) for w in weights]} with {heads} heads over {kv_heads}: "
-            "not a Llama layer the kernel steps (float32, contiguous, CPU)"
+            "not a Llama layer the kernel steps (float32 or bfloat16 weights, float32 norms, "
+            "contiguous, CPU)"
         )
-    function = library.skinny_decode_layer
+    stored = q.dtype  # the weights' and the cache's
+    if stored == torch.bfloat16:
+        function = library.skinny_decode_layer_bf16
+    else:
+        function = library.skinny_decode_layer
     pointers = ctypes.c_void_p * PROJECTIONS
     bound: dict = {}  # the corrections' factors, checked once (`_Factors`)
     recent: list = [None]  # the last call's corrections and arrays (`_extensions`)
@@ -389,7 +403,10 @@ def layer_step(
             )
             or any(
                 t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu
-                for t in (x, cos, sin, keys, values)
+                for t in (x, cos, sin)
+            )
+            or any(
+                t.dtype != stored or not t.is_contiguous() or not t.is_cpu for t in (keys, values)
             )
         ):
             raise ValueError(
