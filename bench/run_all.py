@@ -47,8 +47,13 @@ LIMITS = {
         "8-row layer calls take 1.38x the 1-row ones (24.8 against 18.0 ms; 4x6 and 5x5 "
         "slower) and the 8 tails' prefill (160 tokens through MKL, ~190 ms) is a third of the "
         "difference. Earlier machines: 1.29-1.37x (AVX2 EPYC), 1.36-1.47x "
-        "(Xeon). int8 weights, more cores or a GPU would move it. bf16 (the layer step is "
-        "float32 only): 1.40x on the Xeon, 2.1x on the AVX2 EPYC, 1.56-1.77x on the AVX-512 EPYC"
+        "(Xeon). int8 weights, more cores or a GPU would move it. bf16: 1.40x on the Xeon, 2.1x "
+        "on the AVX2 EPYC, 1.56-1.77x on the AVX-512 EPYC while its steps ran torch's ops "
+        "between the products; since each layer of a bf16 step is one kernel call too (6 Dec), "
+        "its single question got 1.7x faster, and this ratio, which divides by it, went to "
+        "1.54-1.58x on an AVX-512 Xeon with AMX: the 8 tails' prefill (~150 tokens) keeps "
+        "torch's bf16 products (AMX; the kernel's were 4-7x slower there), and the kernel's "
+        "8-row bf16 products cost 0.8 of F.linear's time against 0.6-0.7 at 1-4 rows"
     ),
     "decode": (
         "float32: the skinny kernel and the lean decoding step (bot/engine/decoding.py) read the "
@@ -70,8 +75,11 @@ LIMITS = {
         "(skinny_decode_layer: norms, products, RoPE, cache write, attention, SiLU in one "
         "parallel region): a batch-1 step takes ~25 ms, of which the layers' products 18 and "
         "lm_head 4.5; 74-123 % of the limit (38.5-41 tokens/s against a copy of 17.5-27.9 GB/s). "
-        "bf16 keeps the torch ops between the products (its caches and residual stream are "
-        "bf16; the layer step is float32 only): 36-54 % there"
+        "bf16 kept the torch ops between the products then (36-54 % there); since 6 Dec its "
+        "layers are one kernel call too (bf16 weights and cache, the stream float32): 73 "
+        "against 43 tokens/s side by side on an AVX-512 Xeon with AMX, 140-145 % of a copy "
+        "limit of 13-13.5 GB/s (float32 134 % in the same run: the torch copy understates what "
+        "this machine gives a decoding stream)"
     ),
     "training": (
         "training and serving share 2 cores; the cycle's child runs at a lower priority and "
@@ -98,15 +106,21 @@ LIMITS = {
         "queue order; 48-token answers 0.97 against 0.91. The figure moves by +-5 % between "
         "rounds on this shared machine (0.86-0.91 in four runs of this code, rounds 0.81-1.04); "
         "with answers this short a merge costs about what correcting a batch for its whole "
-        "life does, so no merge rule moves it much. Before: every step corrected, 0.85-0.91 "
+        "life does, so no merge rule moves it much. On an AVX-512 Xeon with AMX (6 Dec, 0.898 "
+        "and 0.906 in two runs an hour apart) the extra time of a swapped run was merges +200 "
+        "ms, corrected steps +185 ms (+14 % each), prefills +170 ms (the mixed batches' "
+        "corrections; each version's shared prefix, ~145 ms, in the first round only) and "
+        "folder reads 20 ms; a merge there is compute (a rank-16 update, 16 FMAs a weight: 37 "
+        "ms through MKL against 17.5 ms for a read-and-write pass; a hand-written kernel took "
+        "41 ms and was not kept). Before: every step corrected, 0.85-0.91 "
         "(AVX2 EPYC), 0.86-0.89 (Xeon), 0.87-0.95 (AVX-512 EPYC) over the sessions"
     ),
     "memory": (
         "torch's runtime (libtorch, MKL, the tokenizer, Python: 0.5-0.67 GB, the more on the "
         "AVX-512 Xeon) does not shrink with the weights: in bf16 the weights halve and the "
         "ratio grows (2.96x on the AVX2 EPYC, 3.51x on the Xeon, 3.14-3.80x on the AVX-512 "
-        "EPYC) though the process is smaller; loading also peaks higher (float32 file cast to "
-        "bf16)"
+        "EPYC, 3.87-3.97x on an AVX-512 Xeon with AMX) though the process is smaller; "
+        "loading also peaks higher (float32 file cast to bf16)"
     ),
     "ack": "the listener threads share the 2 cores with the decoding engine",
 }
