@@ -729,6 +729,66 @@ def test_rows_of_other_versions_decode_as_if_their_own_adapter_were_merged(
     assert (alone[0] - alone[1]).abs().max() > 1e-2 and (alone[0] - alone[2]).abs().max() > 1e-2
 
 
+def test_bf16_rows_of_other_versions_are_corrected_inside_the_kernel_layer_step(
+    bf16, adapters, library, monkeypatch
+):
+    """A bf16 model with the kernel: v0002 merged, rows on v0001 and on the base corrected in
+    the layer step itself (the factors and masks in float32 beside the bf16 weights), so a
+    swap does not send a bf16 step back to torch's ops. Each row decodes as it does alone on
+    its own merged version, within what rounding the merged weights to bf16 moves (the
+    versions themselves stand far further apart)."""
+    from bot.engine import kernels, skinny
+
+    model, pad = bf16.model, bf16.tokenizer.pad_token_id
+    calls, bind = [], skinny.layer_step
+
+    def counted(*args, **kwargs):
+        step = bind(*args, **kwargs)
+
+        def stepping(x, *rest, where=None):
+            corrections = rest[-1]
+            calls.append(corrections is not None and any(c is not None for c in corrections))
+            return step(x, *rest, where=where)
+
+        return stepping
+
+    monkeypatch.setattr(skinny, "layer_step", counted)
+    kernels.install(model, library=library)
+    read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
+    prompts = [prompt_ids(bf16, q) for q in QUESTIONS[:3]]
+    versions = ["v0001", None, "v0002"]
+    weights = MergedWeights(model=model, base_weights=base_weight_reader(bf16))
+    try:
+        with torch.inference_mode():
+            alone = []
+            for version, prompt in zip(versions, prompts, strict=True):
+                weights.apply(read.get(version))
+                batch = DecodeBatch(model, pad_id=pad, device="cpu")
+                logits = [batch.join([prompt], [version])]
+                for _ in range(6):
+                    logits.append(batch.step(logits[-1].argmax(-1)))
+                alone.append(torch.cat(logits).float())
+            batch = DecodeBatch(model, pad_id=pad, device="cpu")
+            first = []
+            for version, prompt in zip(versions, prompts, strict=True):
+                weights.apply(read.get(version))
+                first.append(batch.join([prompt], [version]))
+            calls.clear()
+            together = [torch.cat(first)]
+            for _ in range(6):
+                with weights.mixed(versions, read):
+                    together.append(batch.step(together[-1].argmax(-1)))
+    finally:
+        weights.apply(None)
+        kernels.uninstall(model)
+    layers = len(model.model.layers)
+    assert calls == [True] * (6 * layers)  # every step's every layer corrected in the kernel
+    apart = min((alone[0] - alone[i]).abs().max() for i in (1, 2))
+    for row, expected in enumerate(alone):
+        got = torch.stack([step[row] for step in together]).float()
+        assert (got - expected).abs().max() < apart / 8
+
+
 def test_a_mix_taken_out_is_put_back_for_the_same_versions_until_a_merge(loaded, adapters):
     """Between two admissions of the same versions the batch can empty (every row finishing
     at once): the correcting forwards taken out then are put back as they were, not rebuilt

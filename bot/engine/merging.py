@@ -290,9 +290,10 @@ class _VersionMix:
         self.others = others
         self._padding = len(others) + 1  # the component of padding columns: no row uses it
         # each layer's component per rank column, numbered; the masks of the next forwards by
-        # that number: (rows, 1, rank) over a row's tokens and its (rows, rank) view
+        # that number: (rows, 1, rank) over a row's tokens, its (rows, rank) view, and that in
+        # float32 for the kernel's layer step (the same tensor where the weights are float32)
         self._layouts: dict[tuple[int, ...], int] = {}
-        self._masks: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._selected: tuple | None = None  # the last rows named and their masks
         self._forwards = []  # (layer, its correcting forward), in place while rows are mixed
         self._device, self._dtype = None, None
@@ -332,12 +333,17 @@ class _VersionMix:
         corrector = getattr(layer, "corrector", None)
         corrected = corrector(a_rows, b_cols) if corrector is not None else None
         a, b = a_rows.T, b_cols.T  # (in, rank), (rank, out): views for torch's products
+        # the kernel's whole-layer step takes float32 factors whatever the weights' dtype:
+        # bf16's are copied once, where the engine installed the kernel on this layer
+        wide = (a_rows, b_cols)
+        if a_rows.dtype != torch.float32 and getattr(layer, "library", None) is not None:
+            wide = (a_rows.float(), b_cols.float())
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             masks = self._masks
             if masks is None:
                 return base_forward(layer, x)
-            mask, flat_mask = masks[layout]  # (rows, 1, rank): over a row's tokens; (rows, rank)
+            mask, flat_mask, _ = masks[layout]
             if corrected is not None and x.shape[1] == 1:  # a decoding step, one token a row:
                 # in one pass of the skinny kernel where the worker installed it for these rows
                 output = corrected(x.reshape(x.shape[0], -1), flat_mask)
@@ -354,7 +360,7 @@ class _VersionMix:
             """What the kernel's whole-layer step (`skinny.layer_step`) streams beside the
             weight for the rows of the next forward: (A, B, mask), or None (no correction)."""
             masks = self._masks
-            return None if masks is None else (a_rows, b_cols, masks[layout][1])
+            return None if masks is None else (*wide, masks[layout][2])
 
         forward.extension = extension
         return forward
@@ -380,7 +386,8 @@ class _VersionMix:
         self._masks = {}
         for layout, number in self._layouts.items():
             mask = rows[:, list(layout)].to(self._device, self._dtype)
-            self._masks[number] = (mask[:, None], mask)
+            wide = mask if mask.dtype == torch.float32 else mask.float()  # the kernel's step's
+            self._masks[number] = (mask[:, None], mask, wide)
         self._selected = (versions, self._masks)
 
     def install(self) -> None:

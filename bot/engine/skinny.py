@@ -284,15 +284,24 @@ def corrector(library, weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch
     return correct
 
 
-def _check_factors(weight: torch.Tensor, a_rows: torch.Tensor, b_cols: torch.Tensor) -> None:
+def _check_factors(
+    weight: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_cols: torch.Tensor,
+    *,
+    weight_dtypes: tuple = (torch.float32,),
+) -> None:
     """Refuse LoRA factors the kernel would misread beside `weight`: a_rows rank x in, b_cols
-    out x rank, the rank a multiple of `EXTENSION_STEP`, all float32 and contiguous."""
+    out x rank, the rank a multiple of `EXTENSION_STEP`, the factors float32, the weight of
+    `weight_dtypes` (the layer step's: bf16 too), all contiguous."""
     rank = a_rows.shape[0]
     if (
         rank % EXTENSION_STEP
         or a_rows.shape != (rank, weight.shape[1])
         or b_cols.shape != (weight.shape[0], rank)
-        or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (weight, a_rows, b_cols))
+        or weight.dtype not in weight_dtypes
+        or any(t.dtype != torch.float32 for t in (a_rows, b_cols))
+        or any(not t.is_contiguous() for t in (weight, a_rows, b_cols))
     ):
         raise ValueError(
             f"factors {tuple(a_rows.shape)}, {tuple(b_cols.shape)} do not fit the weight "
@@ -324,7 +333,7 @@ def layer_step(
     row's position), the cache buffers `keys` and `values` (sequences x kv_heads x capacity x
     head_dim, contiguous, the weights' dtype), the padding `mask` (sequences x columns, int64,
     0 = padding; None: every column) and, per projection, None or the per-row LoRA correction
-    `(a_rows, b_cols, mask)` that `corrector` takes (float32 weights only).
+    `(a_rows, b_cols, mask)` as `corrector` takes it (float32, whatever the weights' dtype).
 
     With bfloat16 weights the cache is bfloat16 too, as the transformers forward keeps it:
     weights and cached keys and values are widened as they are read, a new key or value is
@@ -457,7 +466,7 @@ class _Factors:
             if pair is None:
                 continue
             a_rows, b_cols = pair
-            _check_factors(weight, a_rows, b_cols)
+            _check_factors(weight, a_rows, b_cols, weight_dtypes=DTYPES)
             a[index], bt[index] = a_rows.data_ptr(), b_cols.data_ptr()
             self.ranks[index] = a_rows.shape[0]
         self.a, self.bt = pointers(*a), pointers(*bt)
