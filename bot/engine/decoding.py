@@ -400,8 +400,8 @@ class LeanStep:
         each layer as one call of the skinny kernel (`skinny.layer_step`): on the CPU, float32
         or bf16 weights, the engine's kernel installed on every projection and taking `rows`
         rows, no biases, and no replaced forward other than the engine's per-row LoRA
-        correction (whose factors the kernel then streams: float32 only, so rows of another
-        version keep torch's ops in bf16). None: torch's ops."""
+        correction (whose factors, float32 whatever the weights' dtype, the kernel then
+        streams). None: torch's ops."""
         first = self.parts[0][0][0]
         library = getattr(first, "library", None)
         if (
