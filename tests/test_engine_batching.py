@@ -536,10 +536,11 @@ def test_the_kernel_layer_step_runs_bf16_weights_over_a_bf16_cache(
     for kind, logits in (("prefill", prefills), ("step", steps)):
         for got, low, wide_logits in zip(*logits.values(), strict=True):
             scale = low.abs().max()
-            # measured: within 0.3-1.0 % of the largest logit of the float32 computation,
-            # where the transformers forward in bf16 strays 1.4-4.7 % from it
-            assert (got - wide_logits).abs().max() < scale * (2**-6 if kind == "prefill" else 2**-7)
-            assert (got - low).abs().max() < scale * 2**-4, kind  # bf16's own noise
+            # measured (AVX-512 Xeon): within 0.3-1.0 % of the largest logit of the float32
+            # computation, where the transformers forward in bf16 strays 1.4-4.7 % from it;
+            # the bounds leave room for another CPU's sums and torch's bf16 products
+            assert (got - wide_logits).abs().max() < scale * (2**-5 if kind == "prefill" else 2**-6)
+            assert (got - low).abs().max() < scale * 2**-3, kind  # bf16's own noise
 
 
 def test_bf16_merges_are_computed_from_the_base_file_and_keep_nothing_resident(bf16, adapters):
