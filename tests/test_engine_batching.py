@@ -18,6 +18,7 @@ from bot.engine.loading import base_weight_reader, load_base_model
 from bot.engine.merging import MergedWeights, read_adapter
 from bot.engine.prompt import encode_prompt
 from bot.engine.types import AnswerRequest, EngineError
+from tests.support.kernel import build_avx2, record_layer_steps
 from tests.test_engine_worker import (
     QUESTIONS,
     WAIT,
@@ -116,27 +117,17 @@ def test_the_kernel_layer_step_gives_the_logits_of_the_transformers_forward(
     another version corrected, one row and several; each step against the transformers
     forward on a twin batch, and the tokens they choose the same. On this CPU's vector path
     and on AVX2's."""
-    from bot.engine import kernels, skinny
+    from bot.engine import kernels
     from bot.engine.decoding import GrowingLayer
 
     if flags == "avx2":
-        avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
-        library = skinny.load(folder=tmp_path / "avx2", flags=avx2)
+        library = build_avx2(tmp_path / "avx2")
         assert library.skinny_vector_width() == 8
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     kernels.install(model, library=library)
-    calls, bind = [], skinny.layer_step
-
-    def counted(*args, **kwargs):
-        step = bind(*args, **kwargs)
-
-        def stepping(x, *rest, where=None):
-            calls.append((x.shape[0], rest[-1] is not None, where is not None))
-            return step(x, *rest, where=where)
-
-        return stepping
-
-    monkeypatch.setattr(skinny, "layer_step", counted)
+    calls = record_layer_steps(
+        monkeypatch, lambda x, rest, where: (x.shape[0], rest[-1] is not None, where is not None)
+    )
     monkeypatch.setattr(GrowingLayer, "spare", 3)  # regrown every few steps
     read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in adapters}
     weights = MergedWeights(model=model)
@@ -468,29 +459,19 @@ def test_the_kernel_layer_step_runs_bf16_weights_over_a_bf16_cache(
     of the same bf16 weights computed in float32 (a twin float32 model on the same cache
     values) within the rounding of what the cache keeps, and within bf16's noise of the
     transformers forward in bf16 (which rounds after every op, and strays further from them)."""
-    from bot.engine import kernels, skinny
+    from bot.engine import kernels
     from bot.engine.decoding import GrowingLayer
 
     if flags == "avx2":
-        avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
-        library = skinny.load(folder=tmp_path / "avx2", flags=avx2)
+        library = build_avx2(tmp_path / "avx2")
         assert library.skinny_vector_width() == 8
     model, pad = bf16.model, bf16.tokenizer.pad_token_id
     wide = type(model)(model.config)  # the same bf16 values, computed in float32
     wide.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     wide.eval()
-    calls, bind = [], skinny.layer_step
-
-    def counted(*args, **kwargs):
-        step = bind(*args, **kwargs)
-
-        def stepping(x, *rest, where=None):
-            calls.append((x.shape[0], where is not None, rest[2].dtype))
-            return step(x, *rest, where=where)
-
-        return stepping
-
-    monkeypatch.setattr(skinny, "layer_step", counted)
+    calls = record_layer_steps(
+        monkeypatch, lambda x, rest, where: (x.shape[0], where is not None, rest[2].dtype)
+    )
     monkeypatch.setattr(GrowingLayer, "spare", 3)
     kernels.install(model, library=library)
     batches = {
@@ -738,22 +719,13 @@ def test_bf16_rows_of_other_versions_are_corrected_inside_the_kernel_layer_step(
     swap does not send a bf16 step back to torch's ops. Each row decodes as it does alone on
     its own merged version, within what rounding the merged weights to bf16 moves (the
     versions themselves stand far further apart)."""
-    from bot.engine import kernels, skinny
+    from bot.engine import kernels
 
     model, pad = bf16.model, bf16.tokenizer.pad_token_id
-    calls, bind = [], skinny.layer_step
-
-    def counted(*args, **kwargs):
-        step = bind(*args, **kwargs)
-
-        def stepping(x, *rest, where=None):
-            corrections = rest[-1]
-            calls.append(corrections is not None and any(c is not None for c in corrections))
-            return step(x, *rest, where=where)
-
-        return stepping
-
-    monkeypatch.setattr(skinny, "layer_step", counted)
+    calls = record_layer_steps(  # whether a step's layer was corrected
+        monkeypatch,
+        lambda x, rest, where: rest[-1] is not None and any(c is not None for c in rest[-1]),
+    )
     kernels.install(model, library=library)
     read = {v: read_adapter(adapters[v], version=v, base_model=model) for v in ("v0001", "v0002")}
     prompts = [prompt_ids(bf16, q) for q in QUESTIONS[:3]]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from bot.engine import skinny
 from tests.conftest import kernel_buildable
+from tests.support.kernel import build_avx2
 
 needs_kernel = pytest.mark.skipif(
     not kernel_buildable(), reason="the skinny kernel needs g++ and a CPU with AVX2 and FMA"
@@ -81,8 +82,7 @@ def test_strided_inputs_are_copied_not_misread(library):
 
 @needs_kernel
 def test_the_avx2_path_matches_too(tmp_path):
-    avx2 = tuple(f for f in skinny.FLAGS if f != "-march=native") + ("-march=haswell",)
-    library = skinny.load(folder=tmp_path, flags=avx2)
+    library = build_avx2(tmp_path)
     assert library is not None and library.skinny_vector_width() == 8
     assert skinny.shapes(library) == [(2, 8)]  # one shape: 16 registers hold no other
     _check(library, SHAPES)
