@@ -627,34 +627,22 @@ static void decode_layer(float *x, long M, long H, long heads, long kv_heads, lo
   }
 }
 
-extern "C" void skinny_decode_layer(float *x, long M, long H, long heads, long kv_heads, long D,
-                                    long I, const float *norm1, const float *norm2, float eps,
-                                    const float *const *w, const float *const *ext_a,
-                                    const float *const *ext_mask, const float *const *ext_bt,
-                                    const long *ext_e, const float *cos, const float *sin,
-                                    float *kcache, float *vcache, long capacity, long length,
-                                    const int64_t *seqs, const int64_t *cols,
-                                    const int64_t *mask, long mask_width, float scale,
-                                    int threads) {
-  decode_layer<float>(x, M, H, heads, kv_heads, D, I, norm1, norm2, eps, w, ext_a, ext_mask,
-                      ext_bt, ext_e, cos, sin, kcache, vcache, capacity, length, seqs, cols,
-                      mask, mask_width, scale, threads);
-}
-
-extern "C" void skinny_decode_layer_bf16(float *x, long M, long H, long heads, long kv_heads,
-                                         long D, long I, const float *norm1, const float *norm2,
-                                         float eps, const uint16_t *const *w,
-                                         const float *const *ext_a, const float *const *ext_mask,
-                                         const float *const *ext_bt, const long *ext_e,
-                                         const float *cos, const float *sin, uint16_t *kcache,
-                                         uint16_t *vcache, long capacity, long length,
-                                         const int64_t *seqs, const int64_t *cols,
-                                         const int64_t *mask, long mask_width, float scale,
-                                         int threads) {
-  decode_layer<uint16_t>(x, M, H, heads, kv_heads, D, I, norm1, norm2, eps, w, ext_a, ext_mask,
-                         ext_bt, ext_e, cos, sin, kcache, vcache, capacity, length, seqs, cols,
-                         mask, mask_width, scale, threads);
-}
+// The C entry points, one signature for both types (T: the weights' and the caches').
+#define DECODE_LAYER_ENTRY(name, T)                                                                \
+  extern "C" void name(float *x, long M, long H, long heads, long kv_heads, long D, long I,        \
+                       const float *norm1, const float *norm2, float eps, const T *const *w,       \
+                       const float *const *ext_a, const float *const *ext_mask,                    \
+                       const float *const *ext_bt, const long *ext_e, const float *cos,            \
+                       const float *sin, T *kcache, T *vcache, long capacity, long length,         \
+                       const int64_t *seqs, const int64_t *cols, const int64_t *mask,              \
+                       long mask_width, float scale, int threads) {                                \
+    decode_layer<T>(x, M, H, heads, kv_heads, D, I, norm1, norm2, eps, w, ext_a, ext_mask,         \
+                    ext_bt, ext_e, cos, sin, kcache, vcache, capacity, length, seqs, cols,         \
+                    mask, mask_width, scale, threads);                                             \
+  }
+DECODE_LAYER_ENTRY(skinny_decode_layer, float)
+DECODE_LAYER_ENTRY(skinny_decode_layer_bf16, uint16_t)
+#undef DECODE_LAYER_ENTRY
 
 // The vector exp alone (its test: tests/test_engine_skinny.py): out[i] = e^in[i].
 extern "C" void skinny_exp(const float *in, float *out, long n) { exps(in, out, n, 0.0f); }
